@@ -1,0 +1,392 @@
+"""Ready clients for an `Endpoint`: openai `OpenAI`/`AsyncOpenAI` and LangChain `ChatOpenAI`.
+
+Every client shares one idea: its HTTP client gets a transport wrapper (`PlatformTransport`)
+that
+- meters each request (latency until the body is consumed, errors, and the `usage` of the
+  answer, streamed or not) into the session's `UsageMeter`;
+- waits for the endpoint when it went cold mid-session (connection refused, 502/503/504):
+  it runs the wake again, bounded by the wake timeout, then retries the request; one re-wake
+  is shared by all requests of that platform (`Guard`);
+- fails at once, with the cause, once the platform stayed dead through a re-wake.
+Proxy-auth headers live on the HTTP client, not in the openai/langchain objects, so that no
+`repr` of those shows them.
+
+openai>=3 is built on `httpx2` (openai<3 on `httpx`): the transport wraps whichever the
+installed openai uses (`http_module()`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from .endpoint import Endpoint
+from .errors import PlatformError
+from .usage import UsageMeter
+
+if TYPE_CHECKING:
+    import openai
+    from langchain_openai import ChatOpenAI
+
+REWAKE_STATUSES = frozenset({502, 503, 504})
+MAX_REWAKES_PER_REQUEST = 3
+# Bodies larger than this are not parsed for usage (only their tail is kept, for SSE).
+BODY_CAP = 4 * 1024 * 1024
+TAIL_KEEP = 64 * 1024
+# openai and langchain insist on a key; when the platform's key variable is unset, they get
+# this placeholder and the transport removes the Authorization header, so no key is sent.
+NO_KEY = "no-key-set"
+
+
+def http_module() -> ModuleType:
+    """`httpx2` for openai>=3, `httpx` for older openai: the library its clients are built on."""
+    import openai
+
+    major = int(str(openai.__version__).split(".", 1)[0] or 0)
+    if major >= 3:
+        import httpx2
+
+        return httpx2
+    import httpx
+
+    return httpx
+
+
+class PlatformDown(Exception):
+    """Raised inside the transport when the platform stayed dead through a re-wake."""
+
+
+class Guard:
+    """The mid-session health of one platform, shared by all its clients in this process."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.dead: str | None = None
+        self._lock = threading.Lock()
+        self._last_wake = 0.0
+        self.rewakes = 0
+
+    def check(self) -> None:
+        """Raise `PlatformDown` at once if the platform is known to be dead."""
+        if self.dead is not None:
+            raise PlatformDown(self.dead)
+
+    def rewake(self) -> bool:
+        """Wait until the endpoint is ready again (bounded by its wake timeout).
+
+        Returns True when it is (or another request just saw it come back), False when it
+        stayed dead: then `dead` says why and later requests fail at once.
+        """
+        from .wake import WakeRequest, Waker
+
+        asked = time.monotonic()
+        with self._lock:
+            if self.dead is not None:
+                return False
+            if self._last_wake >= asked:  # another request re-woke it while we waited
+                return True
+            endpoint = self.endpoint
+            request = WakeRequest(
+                platform=endpoint.platform,
+                base_url=endpoint.base_url,
+                timeout=endpoint.wake_timeout,
+                model=endpoint.model,
+                api_key=endpoint.api_key,
+                api_key_env=endpoint.api_key_env,
+                headers=endpoint.headers,
+            )
+            try:
+                Waker(request).run()
+            except PlatformError as error:
+                self.dead = str(error)
+                return False
+            self.rewakes += 1
+            self._last_wake = time.monotonic()
+            return True
+
+
+def _usage_of(body: bytes) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) from a JSON answer or an SSE stream; (0, 0) if none."""
+    text = body.decode("utf-8", "replace").strip()
+    found: Any = None
+    if text.startswith("{"):
+        try:
+            found = json.loads(text).get("usage")
+        except ValueError:
+            found = None
+    else:
+        for line in reversed(text.splitlines()):
+            if line.startswith("data:") and '"usage"' in line:
+                try:
+                    found = json.loads(line[5:].strip()).get("usage")
+                except ValueError:
+                    continue
+                if found:
+                    break
+    if not isinstance(found, dict):
+        return 0, 0
+    return int(found.get("prompt_tokens") or 0), int(found.get("completion_tokens") or 0)
+
+
+class _Recorder:
+    """Collects a response body as it streams by and records the request when it ends."""
+
+    def __init__(self, meter: UsageMeter, platform: str, started: float, error: bool) -> None:
+        self.meter, self.platform, self.started, self.error = meter, platform, started, error
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done = False
+
+    def add(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+        self.size += len(chunk)
+        if self.size > BODY_CAP:  # keep only the tail, where a stream's usage chunk is
+            tail = b"".join(self.parts)[-TAIL_KEEP:]
+            self.parts, self.size = [tail], len(tail)
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        prompt, completion = _usage_of(b"".join(self.parts)) if not self.error else (0, 0)
+        self.meter.record(
+            self.platform,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            error=self.error,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+        )
+
+
+@functools.cache
+def _stream_types(lib: ModuleType) -> tuple[type, type]:
+    """Metering wrappers of response bodies, subclassing the HTTP library's stream types
+    (its clients check `isinstance`)."""
+
+    class MeteredStream(lib.SyncByteStream):  # type: ignore[name-defined,misc]
+        def __init__(self, inner: Any, recorder: _Recorder) -> None:
+            self.inner, self.recorder = inner, recorder
+
+        def __iter__(self) -> Iterator[bytes]:
+            for chunk in self.inner:
+                self.recorder.add(chunk)
+                yield chunk
+
+        def close(self) -> None:
+            try:
+                self.inner.close()
+            finally:
+                self.recorder.finish()
+
+    class AsyncMeteredStream(lib.AsyncByteStream):  # type: ignore[name-defined,misc]
+        def __init__(self, inner: Any, recorder: _Recorder) -> None:
+            self.inner, self.recorder = inner, recorder
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            async for chunk in self.inner:
+                self.recorder.add(chunk)
+                yield chunk
+
+        async def aclose(self) -> None:
+            try:
+                await self.inner.aclose()
+            finally:
+                self.recorder.finish()
+
+    return MeteredStream, AsyncMeteredStream
+
+
+class PlatformTransport:
+    """Wraps the HTTP library's transport: metering, re-wake on a cold endpoint, fail fast."""
+
+    def __init__(self, inner: Any, endpoint: Endpoint, meter: UsageMeter, guard: Guard,
+                 lib: ModuleType) -> None:
+        self.inner, self.endpoint, self.meter, self.guard, self.lib = (
+            inner, endpoint, meter, guard, lib)
+
+    def _strip_placeholder_key(self, request: Any) -> None:
+        if request.headers.get("authorization") == f"Bearer {NO_KEY}":
+            del request.headers["authorization"]
+
+    def _fail(self, started: float, error: BaseException) -> BaseException:
+        self.meter.record(self.endpoint.platform, latency_ms=(time.perf_counter() - started) * 1000,
+                          error=True)
+        if isinstance(error, PlatformDown):
+            return self.lib.ConnectError(
+                f"LLM platform {self.endpoint.platform!r} is down: {error}"
+            )
+        return error
+
+    def _wrap(self, response: Any, started: float, stream_type: type) -> Any:
+        recorder = _Recorder(self.meter, self.endpoint.platform, started,
+                             error=response.status_code >= 400)
+        response.stream = stream_type(response.stream, recorder)
+        return response
+
+    def handle_request(self, request: Any) -> Any:
+        """Send `request`, waiting through a mid-session cold start; meter the answer."""
+        started = time.perf_counter()
+        self._strip_placeholder_key(request)
+        for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
+            try:
+                self.guard.check()
+                response = self.inner.handle_request(request)
+            except (self.lib.ConnectError, PlatformDown) as error:
+                if attempt < MAX_REWAKES_PER_REQUEST and not isinstance(error, PlatformDown) \
+                        and self.guard.rewake():
+                    continue
+                raise self._fail(started, error) from error
+            except Exception as error:
+                raise self._fail(started, error) from error
+            if (response.status_code in REWAKE_STATUSES and attempt < MAX_REWAKES_PER_REQUEST
+                    and self._cold_answer(response)):
+                response.close()
+                if self.guard.rewake():
+                    continue
+            return self._wrap(response, started, _stream_types(self.lib)[0])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _cold_answer(self, response: Any) -> bool:
+        """A 502/503/504 whose endpoint's /health is not OK either: the endpoint went cold."""
+        import httpx
+
+        try:
+            health = httpx.get(f"{self.endpoint.root_url}/health", headers=dict(self.endpoint.headers),
+                               timeout=5.0)
+        except httpx.HTTPError:
+            return True
+        return health.status_code != 200
+
+    def close(self) -> None:
+        """Close the wrapped transport."""
+        self.inner.close()
+
+
+class AsyncPlatformTransport(PlatformTransport):
+    """The asyncio twin of `PlatformTransport` (re-wakes run in a worker thread)."""
+
+    async def handle_async_request(self, request: Any) -> Any:
+        """Send `request`, waiting through a mid-session cold start; meter the answer."""
+        import asyncio
+
+        started = time.perf_counter()
+        self._strip_placeholder_key(request)
+        for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
+            try:
+                self.guard.check()
+                response = await self.inner.handle_async_request(request)
+            except (self.lib.ConnectError, PlatformDown) as error:
+                if attempt < MAX_REWAKES_PER_REQUEST and not isinstance(error, PlatformDown) \
+                        and await asyncio.to_thread(self.guard.rewake):
+                    continue
+                raise self._fail(started, error) from error
+            except Exception as error:
+                raise self._fail(started, error) from error
+            if (response.status_code in REWAKE_STATUSES and attempt < MAX_REWAKES_PER_REQUEST
+                    and await asyncio.to_thread(self._cold_answer, response)):
+                await response.aclose()
+                if await asyncio.to_thread(self.guard.rewake):
+                    continue
+            return self._wrap(response, started, _stream_types(self.lib)[1])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        """Close the wrapped transport."""
+        await self.inner.aclose()
+
+
+class ClientFactory:
+    """Builds the clients of one endpoint; holds the endpoint's meter and guard."""
+
+    def __init__(self, endpoint: Endpoint, meter: UsageMeter, guard: Guard | None = None) -> None:
+        self.endpoint = endpoint
+        self.meter = meter
+        self.guard = guard or Guard(endpoint)
+        self._closers: list[Callable[[], None]] = []
+
+    @property
+    def timeout(self) -> float:
+        """The client timeout in seconds."""
+        return float(self.endpoint.client_options.get("timeout", 300.0))
+
+    def http_client(self) -> Any:
+        """A sync HTTP client (of openai's HTTP library) with metering and proxy headers."""
+        import openai
+
+        lib = http_module()
+        transport = PlatformTransport(lib.HTTPTransport(), self.endpoint, self.meter, self.guard,
+                                      lib)
+        client = openai.DefaultHttpxClient(
+            transport=transport, headers=dict(self.endpoint.headers), timeout=self.timeout
+        )
+        self._closers.append(client.close)
+        return client
+
+    def async_http_client(self) -> Any:
+        """An async HTTP client with metering and proxy headers (bind it to one event loop)."""
+        import openai
+
+        lib = http_module()
+        transport = AsyncPlatformTransport(lib.AsyncHTTPTransport(), self.endpoint, self.meter,
+                                           self.guard, lib)
+        return openai.DefaultAsyncHttpxClient(
+            transport=transport, headers=dict(self.endpoint.headers), timeout=self.timeout
+        )
+
+    def _openai_kwargs(self) -> dict[str, Any]:
+        options = self.endpoint.client_options
+        return {
+            "base_url": self.endpoint.base_url,
+            "api_key": self.endpoint.api_key or NO_KEY,
+            "timeout": self.timeout,
+            "max_retries": int(options.get("max_retries", 3)),
+        }
+
+    def openai(self) -> openai.OpenAI:
+        """An `openai.OpenAI` bound to the endpoint."""
+        import openai
+
+        return openai.OpenAI(http_client=self.http_client(), **self._openai_kwargs())
+
+    def async_openai(self) -> openai.AsyncOpenAI:
+        """An `openai.AsyncOpenAI` bound to the endpoint (fresh, for the caller's event loop)."""
+        import openai
+
+        return openai.AsyncOpenAI(http_client=self.async_http_client(), **self._openai_kwargs())
+
+    def chat_model(self, **overrides: Any) -> ChatOpenAI:
+        """A `ChatOpenAI` with the platform's client defaults; `overrides` win."""
+        from langchain_openai import ChatOpenAI
+
+        options = self.endpoint.client_options
+        kwargs: dict[str, Any] = {
+            "model": self.endpoint.model,
+            "base_url": self.endpoint.base_url,
+            "api_key": self.endpoint.api_key or NO_KEY,
+            "temperature": options.get("temperature", 0.0),
+            "timeout": self.timeout,
+            "max_retries": int(options.get("max_retries", 3)),
+            "stream_usage": True,
+            "http_client": self.http_client(),
+            "http_async_client": self.async_http_client(),
+        }
+        if options.get("max_tokens") is not None:
+            kwargs["max_tokens"] = options["max_tokens"]
+        if options.get("extra_body"):
+            kwargs["extra_body"] = dict(options["extra_body"])
+        kwargs.update(overrides)
+        return ChatOpenAI(**kwargs)
+
+    def close(self) -> None:
+        """Close the sync HTTP clients made so far."""
+        for close in self._closers:
+            try:
+                close()
+            except Exception:  # closing at teardown must not mask a test result
+                pass
+        self._closers.clear()

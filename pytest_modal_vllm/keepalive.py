@@ -1,0 +1,97 @@
+"""Keep an endpoint warm from the wake until the session ends.
+
+`ping`: a daemon thread per platform sends `GET <root>/health` every `keep_alive_interval`
+seconds (a request inside Modal's `scaledown_window` keeps the container up).
+`autoscaler`: pins `min_containers=1` on the Modal function through the provider, and restores
+the value it read before at the end.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Protocol
+
+
+class KeepAlive(Protocol):
+    """A running keep-alive; `stop()` ends it and undoes what it changed."""
+
+    pings: int
+
+    def stop(self) -> None:
+        """Stop; safe to call twice."""
+        ...
+
+
+class PingKeepAlive:
+    """Pings `<root>/health` every `interval` seconds in a daemon thread until stopped."""
+
+    def __init__(self, platform: str, root_url: str, interval: float,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.platform = platform
+        self.url = f"{root_url}/health"
+        self.interval = interval
+        self.headers = dict(headers or {})
+        self.pings = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"vllm-keepalive-{platform}", daemon=True
+        )
+
+    def start(self) -> PingKeepAlive:
+        """Start the thread; returns self."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(headers=self.headers, follow_redirects=True) as client:
+            while not self._stop.wait(self.interval):
+                try:
+                    # A held ping would only delay the next one: give up after an interval.
+                    client.get(self.url, timeout=max(1.0, self.interval))
+                    self.pings += 1
+                except httpx.HTTPError:
+                    self.failures += 1
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (an in-flight ping is bounded by its timeout)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(2.0, self.interval + 1.0))
+
+
+class Pinnable(Protocol):
+    """What the `autoscaler` mode needs from a provider (the Modal provider has it)."""
+
+    def pin(self) -> None:
+        """Set min_containers=1, remembering the previous value."""
+        ...
+
+    def unpin(self) -> None:
+        """Restore the previous min_containers."""
+        ...
+
+
+class AutoscalerKeepAlive:
+    """Pins `min_containers=1` at start; restores the previous value at `stop()`."""
+
+    pings = 0
+
+    def __init__(self, provider: Pinnable) -> None:
+        self.provider = provider
+        self._pinned = False
+
+    def start(self) -> AutoscalerKeepAlive:
+        """Pin the autoscaler; returns self."""
+        self._pinned = True  # set first: a failure half-way must still restore
+        self.provider.pin()
+        return self
+
+    def stop(self) -> None:
+        """Restore the previous min_containers, once."""
+        if self._pinned:
+            self._pinned = False
+            self.provider.unpin()

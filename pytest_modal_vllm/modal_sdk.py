@@ -1,0 +1,507 @@
+"""The one module of the plugin that talks to the Modal SDK.
+
+Everything Modal is behind `ModalSDK`; `modal` itself is imported inside its methods, so that
+importing this module (and the plugin) costs nothing when no Modal platform is selected.
+Modal's exceptions never leave this module: they become `ConfigError` (exit 4: not deployed,
+no credentials, invalid settings) or `UnavailableError` (exit 75: the Modal API failed).
+
+Testing seam: `load_sdk()` returns the object named by the environment variable
+`MODAL_VLLM_SDK_ADAPTER` (`"module:attr"`, a class or factory called without arguments)
+instead of `ModalSDK()`. The plugin's tests point it at a fake adapter so that pytest runs in
+subprocesses (pytester) exercise the whole Modal path without Modal's cloud. It is a seam for
+tests, not a user setting.
+
+Modal SDK calls used (modal 1.6):
+
+- locate: `Function.from_name(app, name, environment_name=).get_web_url()`, or
+  `Server.from_name(app, name, environment_name=).get_url()` for an `@app.server` class;
+- deploy: `with modal.enable_output(): app.deploy(name=, environment_name=)`;
+- ephemeral: `with app.run(environment_name=):` and the local handle's `get_web_url()`/`get_url()`;
+- autoscaler: `<handle>.autoscaler.settings().min_containers` and
+  `<handle>.autoscaler.update(min_containers=)` (`update_autoscaler()` is deprecated in 1.6 and
+  only used when `.autoscaler` is missing, on older clients);
+- stop: `App.lookup(app, environment_name=).stop()`.
+
+With no credentials configured (no `~/.modal.toml`, no `MODAL_TOKEN_ID`/`MODAL_TOKEN_SECRET`)
+every one of these fails at once with `modal.exception.AuthError`, before any network access.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from .errors import ConfigError, UnavailableError
+
+if TYPE_CHECKING:
+    import modal
+
+ADAPTER_ENV = "MODAL_VLLM_SDK_ADAPTER"
+DEFAULT_FUNCTION = "serve"
+
+AUTH_FIX = (
+    "authenticate with Modal: run `modal setup` (or `modal token new`), or set "
+    "MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+)
+
+
+class NotDeployedError(ConfigError):
+    """The Modal app, or the function/server in it, is not deployed (exit 4)."""
+
+
+@dataclass(frozen=True)
+class ModalStatus:
+    """What `status()` found without waking anything: deployed or not, and the URL."""
+
+    deployed: bool
+    url: str | None = None
+    detail: str = ""
+
+
+def target_name(function: str | None, server: str | None) -> str:
+    """The name looked up in the app: the server if set, else the function (default `serve`)."""
+    return server or function or DEFAULT_FUNCTION
+
+
+def _where(app: str, function: str | None, server: str | None, environment: str | None) -> str:
+    kind = "server" if server else "web function"
+    env = f" in Modal environment {environment!r}" if environment else ""
+    return f"{kind} {target_name(function, server)!r} of Modal app {app!r}{env}"
+
+
+def deploy_fix(platform: str | None = None) -> str:
+    """How to deploy: with the platform's name when known."""
+    name = platform or "NAME"
+    return (
+        f"deploy it with `modal-vllm deploy {name}`, or run pytest with --vllm-deploy "
+        "(or --vllm-ephemeral for an app that lives only as long as the session)"
+    )
+
+
+def not_deployed_error(
+    app: str,
+    function: str | None,
+    server: str | None,
+    environment: str | None,
+    detail: str = "",
+    *,
+    platform: str | None = None,
+) -> NotDeployedError:
+    """The error for a Modal app/function that cannot be found (the real and fake adapters)."""
+    problem = f"the {_where(app, function, server, environment)} is not deployed"
+    if detail:
+        problem += f" (Modal: {detail.strip().rstrip('.')})"
+    return NotDeployedError(problem, deploy_fix(platform), platform=platform)
+
+
+def auth_error(detail: str = "") -> ConfigError:
+    """The error for missing or rejected Modal credentials."""
+    problem = "no valid Modal credentials"
+    if detail:
+        problem += f" (Modal: {detail.strip().rstrip('.')})"
+    return ConfigError(problem, AUTH_FIX)
+
+
+@contextlib.contextmanager
+def _modal_errors(
+    action: str,
+    *,
+    app: str,
+    function: str | None = None,
+    server: str | None = None,
+    environment: str | None = None,
+    lookup: bool = True,
+) -> Iterator[None]:
+    """Turn Modal's exceptions raised while doing `action` into the plugin's two errors.
+
+    `lookup` says whether a `NotFoundError` means "this app/function is not deployed"; during
+    a deploy it means something else is missing (usually the API key Secret).
+    """
+    from modal import exception as mx
+
+    try:
+        yield
+    except (mx.AuthError, mx.PermissionDeniedError) as error:
+        raise auth_error(str(error)) from error
+    except mx.NotFoundError as error:
+        if lookup:
+            raise not_deployed_error(app, function, server, environment, str(error)) from error
+        raise ConfigError(
+            f"{action} of Modal app {app!r} failed: {str(error).strip().rstrip('.')}",
+            _missing_object_fix(str(error)),
+        ) from error
+    except (mx.InvalidError, mx.VersionError) as error:
+        raise ConfigError(
+            f"{action} of Modal app {app!r} was refused: {str(error).strip().rstrip('.')}",
+            "check the platform's app, function/server, environment and deploy_env",
+        ) from error
+    except mx.Error as error:
+        raise UnavailableError(
+            f"{action} of Modal app {app!r} failed: {type(error).__name__}: "
+            f"{str(error).strip().rstrip('.')}",
+            "try again; if it persists, see https://status.modal.com",
+        ) from error
+
+
+def _missing_object_fix(message: str) -> str:
+    if "secret" in message.lower():
+        return (
+            "create the Modal Secret the app needs; for the bundled app: `modal secret create "
+            "vllm-api-key VLLM_API_KEY=<key>` (the same key as in your VLLM_API_KEY), or set "
+            "ALLOW_UNAUTHENTICATED=1 in deploy_env to serve without a key"
+        )
+    return "create the missing Modal object, or fix its name in the app file or deploy_env"
+
+
+# ----------------------------------------------------------------------- the app file
+
+
+def bundled_app_file() -> Path:
+    """The bundled `modal_app/vllm_server.py`.
+
+    In an installed wheel it is `pytest_modal_vllm/_modal_app/vllm_server.py` (pyproject's
+    force-include); in a source checkout, `<repo>/modal_app/vllm_server.py`.
+    """
+    package_dir = Path(__file__).resolve().parent
+    installed = package_dir / "_modal_app" / "vllm_server.py"
+    if installed.is_file():
+        return installed
+    return package_dir.parent / "modal_app" / "vllm_server.py"
+
+
+@dataclass
+class LoadedApp:
+    """A Modal app file imported with its deploy settings: the module and its `modal.App`."""
+
+    path: Path
+    module: ModuleType
+    app: modal.App
+
+    def handle(self, function: str | None, server: str | None) -> Any:
+        """The module attribute named by `server` or `function`: the local Modal handle."""
+        name = target_name(function, server)
+        handle = getattr(self.module, name, None)
+        import modal
+
+        expected = modal.Server if server else modal.Function
+        if not isinstance(handle, expected):
+            what = "an @app.server class" if server else "a @modal.web_server function"
+            raise ConfigError(
+                f"the Modal app file {str(self.path)!r} has no {what} named {name!r}",
+                "set the platform's function/server to a name defined in that file",
+            )
+        return handle
+
+
+@contextlib.contextmanager
+def load_app_file(app_file: Path, deploy_env: Mapping[str, str]) -> Iterator[LoadedApp]:
+    """Import `app_file` with `deploy_env` applied to `os.environ`, like `modal deploy FILE`.
+
+    The environment is restored as soon as the import is done: the app file reads its
+    settings at import. The module stays registered in `sys.modules` under its file stem (the
+    name Modal's containers import it by) while the context is open, and the previous entry,
+    if any, comes back afterwards. `os.environ` is process-wide: do not import app files from
+    two threads at once.
+    """
+    import modal
+
+    path = Path(app_file)
+    if not path.is_file():
+        raise ConfigError(
+            f"the Modal app file {str(path)!r} does not exist",
+            "fix the platform's modal_app path (relative paths start at the current directory)",
+        )
+    name = inspect.getmodulename(str(path))
+    if not name or "." in name:
+        raise ConfigError(
+            f"{str(path)!r} is not a Python file Modal can import",
+            "name the app file like vllm_server.py (no extra dots)",
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import the Modal app file {str(path)!r}", "")
+    module = importlib.util.module_from_spec(spec)
+
+    previous_module = sys.modules.get(name)
+    saved_env = {key: os.environ.get(key) for key in deploy_env}
+    sys.modules[name] = module
+    try:
+        try:
+            os.environ.update({key: str(value) for key, value in deploy_env.items()})
+            spec.loader.exec_module(module)
+        except Exception as error:
+            raise ConfigError(
+                f"the Modal app file {str(path)!r} failed to import with deploy_env "
+                f"{sorted(deploy_env)}: {type(error).__name__}: {error}",
+                "fix the deploy_env values of the platform (or the app file)",
+            ) from error
+        finally:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        apps = {attr: obj for attr, obj in vars(module).items() if isinstance(obj, modal.App)}
+        if not apps:
+            raise ConfigError(
+                f"the Modal app file {str(path)!r} defines no modal.App",
+                "define `app = modal.App(...)` at module level",
+            )
+        # Like `modal deploy`, prefer the attribute named `app` when there are several.
+        app = apps.get("app") or next(iter(apps.values()))
+        yield LoadedApp(path=path, module=module, app=app)
+    finally:
+        if previous_module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = previous_module
+
+
+# ----------------------------------------------------------------------- the adapter
+
+
+class ModalBackend(Protocol):
+    """What the modal provider and the CLI need from Modal; `ModalSDK` is the real one."""
+
+    def locate(
+        self, app: str, function: str | None, server: str | None, environment: str | None
+    ) -> str:
+        """The URL of a deployed web function or server; `NotDeployedError` if there is none."""
+        ...
+
+    def deploy(
+        self, app_file: Path, deploy_env: Mapping[str, str], app_name: str, environment: str | None
+    ) -> None:
+        """Deploy the app defined in `app_file` under `app_name`."""
+        ...
+
+    def ephemeral(
+        self,
+        app_file: Path,
+        deploy_env: Mapping[str, str],
+        function: str | None,
+        server: str | None,
+        environment: str | None,
+    ) -> AbstractContextManager[str]:
+        """Run the app as an ephemeral Modal app while the context is open; yields the URL."""
+        ...
+
+    def get_min_containers(
+        self, app: str, function: str | None, server: str | None, environment: str | None
+    ) -> int:
+        """The current `min_containers` of the function or server (0 when not set)."""
+        ...
+
+    def update_autoscaler(
+        self,
+        app: str,
+        function: str | None,
+        server: str | None,
+        environment: str | None,
+        min_containers: int,
+    ) -> None:
+        """Set `min_containers` of the function or server."""
+        ...
+
+    def stop_app(self, app: str, environment: str | None) -> bool:
+        """Stop a deployed app: True if it was stopped, False if it was not deployed."""
+        ...
+
+    def status(
+        self, app: str, function: str | None, server: str | None, environment: str | None
+    ) -> ModalStatus:
+        """Deployed or not, and the URL, without waking any container."""
+        ...
+
+
+class ModalSDK:
+    """The real adapter: each method is one or two Modal SDK calls, errors translated."""
+
+    def __init__(self) -> None:
+        # Local handles of running ephemeral apps, by (app name, target name): such apps cannot
+        # be looked up by name, so autoscaler calls use these instead.
+        self._ephemeral_handles: dict[tuple[str, str], Any] = {}
+
+    # -- lookups
+
+    def _remote_handle(
+        self, app: str, function: str | None, server: str | None, environment: str | None
+    ) -> Any:
+        local = self._ephemeral_handles.get((app, target_name(function, server)))
+        if local is not None:
+            return local
+        import modal
+
+        # `from_name` is lazy: the first live method (get_web_url, autoscaler...) looks it up.
+        if server:
+            return modal.Server.from_name(app, server, environment_name=environment)
+        return modal.Function.from_name(
+            app, function or DEFAULT_FUNCTION, environment_name=environment
+        )
+
+    @staticmethod
+    def _url_of(handle: Any, where: str) -> str:
+        import modal
+
+        url = handle.get_url() if isinstance(handle, modal.Server) else handle.get_web_url()
+        if not url:
+            raise ConfigError(
+                f"the {where} has no web URL",
+                "point the platform at a @modal.web_server function (function = ...) or an "
+                "@app.server class (server = ...)",
+            )
+        return str(url).rstrip("/")
+
+    def locate(
+        self, app: str, function: str | None, server: str | None, environment: str | None
+    ) -> str:
+        """The URL of a deployed web function or server; `NotDeployedError` if there is none."""
+        errors = _modal_errors("looking up", app=app, function=function, server=server,
+                               environment=environment)  # fmt: skip
+        with errors:
+            handle = self._remote_handle(app, function, server, environment)
+            return self._url_of(handle, _where(app, function, server, environment))
+
+    def status(
+        self, app: str, function: str | None, server: str | None, environment: str | None
+    ) -> ModalStatus:
+        """Deployed or not, and the URL; a lookup only, no container is woken."""
+        try:
+            url = self.locate(app, function, server, environment)
+        except NotDeployedError as error:
+            return ModalStatus(deployed=False, url=None, detail=error.problem)
+        return ModalStatus(deployed=True, url=url)
+
+    # -- deploy / ephemeral
+
+    def deploy(
+        self, app_file: Path, deploy_env: Mapping[str, str], app_name: str, environment: str | None
+    ) -> None:
+        """Import `app_file` with `deploy_env`, then `app.deploy(name=app_name)` with output."""
+        import modal
+
+        with load_app_file(app_file, deploy_env) as loaded:
+            with _modal_errors("deploying", app=app_name, environment=environment, lookup=False):
+                with modal.enable_output():
+                    loaded.app.deploy(name=app_name, environment_name=environment)
+
+    @contextlib.contextmanager
+    def ephemeral(
+        self,
+        app_file: Path,
+        deploy_env: Mapping[str, str],
+        function: str | None,
+        server: str | None,
+        environment: str | None,
+    ) -> Iterator[str]:
+        """Run the app as an ephemeral Modal app while the context is open; yields the URL.
+
+        The app stops when the context closes, also on an exception or Ctrl-C.
+        """
+        with load_app_file(app_file, deploy_env) as loaded, contextlib.ExitStack() as stack:
+            app_name = loaded.app.name or str(deploy_env.get("APP_NAME", loaded.path.stem))
+            handle = loaded.handle(function, server)
+            errors = {"app": app_name, "function": function, "server": server,
+                      "environment": environment}  # fmt: skip
+            with _modal_errors("starting an ephemeral run", lookup=False, **errors):
+                # Closed through the stack with no exception passed in: Modal's run context
+                # swallows a KeyboardInterrupt handed to it, and Ctrl-C must reach pytest.
+                stack.enter_context(loaded.app.run(environment_name=environment))
+                url = self._url_of(handle, _where(app_name, function, server, environment))
+            key = (app_name, target_name(function, server))
+            self._ephemeral_handles[key] = handle
+            try:
+                yield url
+            finally:
+                self._ephemeral_handles.pop(key, None)
+                with _modal_errors("stopping the ephemeral run", lookup=False, **errors):
+                    stack.close()
+
+    # -- autoscaler
+
+    def get_min_containers(
+        self, app: str, function: str | None, server: str | None, environment: str | None
+    ) -> int:
+        """The current `min_containers` (0 when unset, or when this client cannot read it)."""
+        where = {"app": app, "function": function, "server": server, "environment": environment}
+        with _modal_errors("reading the autoscaler settings", **where):
+            handle = self._remote_handle(app, function, server, environment)
+            manager = getattr(handle, "autoscaler", None)
+            if manager is None:  # Modal clients before `.autoscaler` cannot read it
+                return 0
+            value = manager.settings().min_containers
+            return int(value) if value else 0
+
+    def update_autoscaler(
+        self,
+        app: str,
+        function: str | None,
+        server: str | None,
+        environment: str | None,
+        min_containers: int,
+    ) -> None:
+        """Set `min_containers` (other autoscaler settings are left as they are)."""
+        where = {"app": app, "function": function, "server": server, "environment": environment}
+        with _modal_errors("updating the autoscaler", **where):
+            handle = self._remote_handle(app, function, server, environment)
+            manager = getattr(handle, "autoscaler", None)
+            if manager is not None:
+                manager.update(min_containers=min_containers)
+            else:  # older clients; deprecated since 1.6
+                handle.update_autoscaler(min_containers=min_containers)
+
+    # -- stop
+
+    def stop_app(self, app: str, environment: str | None) -> bool:
+        """Stop a deployed app: True if stopped, False if no such app is deployed."""
+        import modal
+        from modal import exception as mx
+
+        with _modal_errors("stopping", app=app, environment=environment, lookup=False):
+            try:
+                handle = modal.App.lookup(app, environment_name=environment)
+            except mx.NotFoundError:
+                return False
+            handle.stop()
+            return True
+
+
+# ----------------------------------------------------------------------- the seam
+
+
+def load_sdk() -> ModalBackend:
+    """The Modal adapter: `ModalSDK()`, or the test double named by `MODAL_VLLM_SDK_ADAPTER`.
+
+    `MODAL_VLLM_SDK_ADAPTER="package.module:attr"` names a class or factory that is called
+    without arguments. This is a testing seam: the plugin's tests use it to run whole pytest
+    sessions (in subprocesses) against a fake Modal.
+    """
+    spec = os.environ.get(ADAPTER_ENV, "").strip()
+    if not spec:
+        return ModalSDK()
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(
+            f"{ADAPTER_ENV}={spec!r} is not of the form 'module:attr'",
+            f"unset {ADAPTER_ENV} (it is a testing seam), or write it as package.module:Name",
+        )
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(
+            f"{ADAPTER_ENV}={spec!r} cannot be loaded: {error}",
+            f"unset {ADAPTER_ENV} (it is a testing seam), or make the module importable",
+        ) from error
+    return cast(ModalBackend, target() if callable(target) else target)

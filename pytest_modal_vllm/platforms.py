@@ -1,0 +1,503 @@
+"""Platforms: the named recipes for one OpenAI-compatible endpoint.
+
+Sources, a later one replacing an earlier definition of the same name:
+1. the built-ins below;
+2. `[tool.modal-vllm.platforms.NAME]` tables in the rootdir's `pyproject.toml`;
+3. the `--vllm-config` TOML file, with `[platforms.NAME]` tables.
+
+Every field is validated here, when the file is read: an unknown field names the closest valid
+one, a field of another kind names the kinds it belongs to, a wrong type names the expected one.
+`${VAR}` references are expanded later, by `expand()`, only for the platforms a run selects,
+so that an unset variable of an unused platform is not an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+KINDS = ("modal", "url", "process", "stub")
+KEEP_ALIVE_MODES = ("ping", "autoscaler", "off")
+CLIENT_OPTIONS = ("timeout", "max_retries", "temperature", "max_tokens", "extra_body")
+
+DEFAULT_WAKE_TIMEOUT = {"modal": 900.0, "url": 600.0, "process": 300.0, "stub": 30.0}
+DEFAULT_KEEP_ALIVE = {"modal": "ping", "url": "off", "process": "off", "stub": "off"}
+DEFAULT_CLIENT: dict[str, Any] = {"timeout": 300.0, "max_retries": 3, "temperature": 0.0}
+
+
+@dataclass(frozen=True)
+class Platform:
+    """One platform definition, validated; `None` means "use the kind's default"."""
+
+    name: str
+    kind: str
+    source: str = "built-in"
+    model: str | None = None
+    api_key_env: str = "VLLM_API_KEY"
+    # url
+    base_url: str | None = None
+    # modal
+    app: str | None = None
+    function: str | None = None
+    server: str | None = None
+    environment: str | None = None
+    modal_app: str | None = None
+    deploy_env: Mapping[str, str] = field(default_factory=dict)
+    proxy_auth: bool = False
+    # process
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    # stub
+    script: str | None = None
+    cold_start: float = 0.0
+    # all kinds
+    wake_timeout: float | None = None
+    keep_alive: str | None = None
+    keep_alive_interval: float = 60.0
+    capabilities: tuple[str, ...] = ("streaming",)
+    client: Mapping[str, Any] = field(default_factory=dict)
+    # Internal: a check run before a built-in process starts (the `local` platform uses it to
+    # say which package to install). Not a user-facing field.
+    preflight: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # Internal: where relative paths (`script`, `modal_app`) are resolved from: the directory
+    # of the file that defined the platform.
+    base_dir: str | None = field(default=None, repr=False, compare=False)
+
+    def resolve_path(self, path: str) -> Path:
+        """`path` made absolute against the directory of the defining file."""
+        candidate = Path(os.path.expanduser(path))
+        if candidate.is_absolute() or self.base_dir is None:
+            return candidate
+        return Path(self.base_dir) / candidate
+
+    @property
+    def effective_wake_timeout(self) -> float:
+        """`wake_timeout`, or the kind's default."""
+        return self.wake_timeout if self.wake_timeout is not None else DEFAULT_WAKE_TIMEOUT[self.kind]
+
+    @property
+    def effective_keep_alive(self) -> str:
+        """`keep_alive`, or the kind's default."""
+        return self.keep_alive or DEFAULT_KEEP_ALIVE[self.kind]
+
+    @property
+    def client_options(self) -> dict[str, Any]:
+        """The client table merged over the defaults."""
+        return {**DEFAULT_CLIENT, **self.client}
+
+    @property
+    def modal_target(self) -> str:
+        """`app/function` or `app/server` for display."""
+        return f"{self.app}/{self.server or self.function or 'serve'}"
+
+    def target(self) -> str:
+        """What the platform points at, for listings (never a secret)."""
+        if self.kind == "url":
+            return self.base_url or ""
+        if self.kind == "modal":
+            return f"modal app {self.modal_target}"
+        if self.kind == "process":
+            return " ".join(self.command)
+        return f"in-process stub (script={self.script})" if self.script else "in-process stub"
+
+
+# Which kinds each field belongs to, and the TOML type it must have.
+_ALL = KINDS
+FIELD_KINDS: dict[str, tuple[str, ...]] = {
+    "kind": _ALL,
+    "model": _ALL,
+    "api_key_env": _ALL,
+    "base_url": ("url",),
+    "app": ("modal",),
+    "function": ("modal",),
+    "server": ("modal",),
+    "environment": ("modal",),
+    "modal_app": ("modal",),
+    "deploy_env": ("modal",),
+    "proxy_auth": ("modal",),
+    "command": ("process",),
+    "env": ("process",),
+    "script": ("stub",),
+    "cold_start": ("stub",),
+    "wake_timeout": _ALL,
+    "keep_alive": _ALL,
+    "keep_alive_interval": _ALL,
+    "capabilities": _ALL,
+    "client": _ALL,
+}
+_STR = ("a string", str)
+_NUM = ("a number", (int, float))
+_FIELD_TYPES: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "kind": _STR,
+    "model": _STR,
+    "api_key_env": _STR,
+    "base_url": _STR,
+    "app": _STR,
+    "function": _STR,
+    "server": _STR,
+    "environment": _STR,
+    "modal_app": _STR,
+    "deploy_env": ("a table of strings", dict),
+    "proxy_auth": ("true or false", bool),
+    "command": ("a list of strings", list),
+    "env": ("a table of strings", dict),
+    "script": _STR,
+    "cold_start": _NUM,
+    "wake_timeout": _NUM,
+    "keep_alive": _STR,
+    "keep_alive_interval": _NUM,
+    "capabilities": ("a list of strings", list),
+    "client": ("a table", dict),
+}
+
+
+def _closest(name: str, candidates: list[str] | tuple[str, ...]) -> str:
+    import difflib  # only on the error path
+
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def validate(
+    name: str, table: Mapping[str, Any], source: str, base_dir: str | None = None
+) -> Platform:
+    """Turn one TOML table into a `Platform`, or raise `ConfigError` naming what is wrong."""
+    where = f"in {source}"
+    kind = table.get("kind")
+    if kind is None:
+        raise ConfigError(
+            f"no 'kind' {where}",
+            f"add kind = one of {', '.join(map(repr, KINDS))} to the table",
+            platform=name,
+        )
+    if kind not in KINDS:
+        raise ConfigError(
+            f"unknown kind {kind!r}{_closest(str(kind), KINDS)} {where}",
+            f"use one of {', '.join(map(repr, KINDS))}",
+            platform=name,
+        )
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in FIELD_KINDS:
+            raise ConfigError(
+                f"unknown field {key!r}{_closest(key, list(FIELD_KINDS))} {where}",
+                f"valid fields for kind {kind!r} are {', '.join(_fields_for(kind))}",
+                platform=name,
+            )
+        if kind not in FIELD_KINDS[key]:
+            raise ConfigError(
+                f"field {key!r} does not apply to kind {kind!r} {where} "
+                f"(it is for kind {' or '.join(map(repr, FIELD_KINDS[key]))})",
+                f"remove {key!r}, or change kind",
+                platform=name,
+            )
+        label, expected = _FIELD_TYPES[key]
+        # bool is an int in Python; a number field must not accept true/false.
+        if not isinstance(value, expected) or (expected is _NUM[1] and isinstance(value, bool)):
+            raise ConfigError(
+                f"field {key!r} must be {label}, got {value!r} {where}",
+                f"write {key} as {label}",
+                platform=name,
+            )
+        values[key] = _check_value(name, key, value, kind, where)
+    _check_required(name, kind, values, where)
+    values.pop("kind")
+    return Platform(name=name, kind=kind, source=source, base_dir=base_dir, **values)
+
+
+def _fields_for(kind: str) -> list[str]:
+    return [f for f, kinds in FIELD_KINDS.items() if kind in kinds]
+
+
+def _check_value(name: str, key: str, value: Any, kind: str, where: str) -> Any:
+    """Per-field checks beyond the TOML type; returns the value in its stored form."""
+    if key in ("command", "capabilities"):
+        if not all(isinstance(item, str) for item in value):
+            raise ConfigError(
+                f"field {key!r} must be a list of strings, got {value!r} {where}",
+                f'write {key} = ["..."]',
+                platform=name,
+            )
+        if key == "command" and not value:
+            raise ConfigError(
+                f"field 'command' is empty {where}",
+                'give the argv list, e.g. command = ["vllm", "serve", "{model}", "--port", '
+                '"{port}"]',
+                platform=name,
+            )
+        return tuple(value)
+    if key in ("deploy_env", "env"):
+        bad = [k for k, v in value.items() if not isinstance(v, (str, int, float, bool))]
+        if bad:
+            raise ConfigError(
+                f"field {key!r} must map names to strings; {bad[0]!r} is not {where}",
+                f'write {key} = {{ NAME = "value" }}',
+                platform=name,
+            )
+        return {k: _toml_scalar_to_env(v) for k, v in value.items()}
+    if key in ("wake_timeout", "keep_alive_interval") and value <= 0:
+        raise ConfigError(
+            f"field {key!r} must be a positive number of seconds, got {value!r} {where}",
+            f"set {key} to a number above 0",
+            platform=name,
+        )
+    if key == "cold_start" and value < 0:
+        raise ConfigError(
+            f"field 'cold_start' must be 0 or more seconds, got {value!r} {where}",
+            "set cold_start to a number of seconds",
+            platform=name,
+        )
+    if key == "keep_alive":
+        if value not in KEEP_ALIVE_MODES:
+            raise ConfigError(
+                f"keep_alive {value!r}{_closest(value, KEEP_ALIVE_MODES)} is not a mode {where}",
+                f"use one of {', '.join(map(repr, KEEP_ALIVE_MODES))}",
+                platform=name,
+            )
+        if value == "autoscaler" and kind != "modal":
+            raise ConfigError(
+                f"keep_alive 'autoscaler' needs kind 'modal', this platform is {kind!r} {where}",
+                "use keep_alive = 'ping' or 'off'",
+                platform=name,
+            )
+    if key == "client":
+        for option in value:
+            if option not in CLIENT_OPTIONS:
+                raise ConfigError(
+                    f"unknown client option {option!r}{_closest(option, CLIENT_OPTIONS)} {where}",
+                    f"valid client options are {', '.join(CLIENT_OPTIONS)}",
+                    platform=name,
+                )
+        return dict(value)
+    if key == "base_url":
+        check_base_url(name, value, where)
+    return value
+
+
+def _toml_scalar_to_env(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def check_base_url(name: str, url: str, where: str) -> None:
+    """A base URL must be http(s) and end in `/v1` (or have no path at all)."""
+    if "${" in url:
+        return  # checked again after expansion
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(
+            f"base_url {url!r} is not an http(s) URL {where}",
+            "write base_url as https://HOST/v1",
+            platform=name,
+        )
+    path = re.sub(r"^https?://[^/]+", "", url).rstrip("/")
+    if path and not path.endswith("/v1"):
+        raise ConfigError(
+            f"base_url {url!r} does not end in /v1 {where}",
+            f"use {url.rstrip('/')}/v1 if the server's OpenAI API is there",
+            platform=name,
+        )
+
+
+def normalize_base_url(url: str) -> str:
+    """`https://host` and `https://host/` become `https://host/v1`; `/v1/` loses its slash."""
+    url = url.rstrip("/")
+    if not re.sub(r"^https?://[^/]+", "", url):
+        url += "/v1"
+    return url
+
+
+def _check_required(name: str, kind: str, values: Mapping[str, Any], where: str) -> None:
+    required = {"url": ["base_url"], "modal": ["app"], "process": ["command"]}.get(kind, [])
+    for key in required:
+        if key not in values:
+            raise ConfigError(
+                f"kind {kind!r} needs field {key!r}, missing {where}",
+                f"add {key} = ... to the table",
+                platform=name,
+            )
+    if kind == "modal" and "function" in values and "server" in values:
+        raise ConfigError(
+            f"both 'function' and 'server' are set {where}",
+            "a modal platform targets one: a @modal.web_server function or an @app.server class",
+            platform=name,
+        )
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(platform: str, field_name: str, value: str, env: Mapping[str, str] | None = None) -> str:
+    """Replace `${VAR}` (and `${VAR:-default}`) from the environment, or raise `ConfigError`."""
+    environ = os.environ if env is None else env
+
+    def substitute(match: re.Match[str]) -> str:
+        var, default = match.group(1), match.group(2)
+        if var in environ:
+            return environ[var]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"field {field_name!r} uses ${{{var}}}, but {var} is not set",
+            f"export {var}=... or put it in .env",
+            platform=platform,
+        )
+
+    return _VAR.sub(substitute, value)
+
+
+# ---------------------------------------------------------------- built-ins
+
+BUNDLED_LLAMA = "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"
+BUNDLED_QWEN = "Qwen/Qwen3-8B-FP8"
+
+
+def builtin_platforms() -> dict[str, Platform]:
+    """The platforms every installation knows."""
+    # Imported here: the launcher module is only needed when `local` is looked at.
+    from .local_model import preflight_local, local_command
+
+    full = ("streaming", "tools", "json_schema")
+    return {
+        "stub": Platform(name="stub", kind="stub", capabilities=full),
+        "local": Platform(
+            name="local",
+            kind="process",
+            command=local_command(),
+            capabilities=("streaming", "json_schema"),
+            wake_timeout=120.0,
+            preflight=preflight_local,
+        ),
+        "env": Platform(
+            name="env",
+            kind="url",
+            base_url="${VLLM_API_URL}",
+            model="${VLLM_MODEL:-}",
+        ),
+        "modal-llama": Platform(
+            name="modal-llama",
+            kind="modal",
+            app="modal-vllm-llama",
+            model=BUNDLED_LLAMA,
+            deploy_env={"MODEL_NAME": BUNDLED_LLAMA, "APP_NAME": "modal-vllm-llama"},
+            capabilities=("streaming", "json_schema"),
+        ),
+        "modal-qwen": Platform(
+            name="modal-qwen",
+            kind="modal",
+            app="modal-vllm-qwen",
+            model=BUNDLED_QWEN,
+            deploy_env={
+                "MODEL_NAME": BUNDLED_QWEN,
+                "APP_NAME": "modal-vllm-qwen",
+                "TOOL_CALL_PARSER": "hermes",
+            },
+            capabilities=full,
+        ),
+    }
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{what} {str(path)!r} does not exist",
+            "check the path given to --vllm-config / vllm_config / MODAL_VLLM_CONFIG",
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}", "fix the syntax") from None
+
+
+def _tables(data: Any, source: str, prefix: str, base_dir: Path) -> dict[str, Platform]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} in {source} must be a table of platform tables", "")
+    found = {}
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{prefix}.{name} in {source} must be a table",
+                f"write [{prefix}.{name}] followed by its fields",
+                platform=name,
+            )
+        found[name] = validate(name, table, source, str(base_dir))
+    return found
+
+
+def load_platforms(rootdir: Path | None, config_file: str | None) -> dict[str, Platform]:
+    """All known platforms: built-ins, then pyproject.toml, then the config file."""
+    platforms = builtin_platforms()
+    if rootdir is not None:
+        pyproject = rootdir / "pyproject.toml"
+        if pyproject.is_file():
+            data = _read_toml(pyproject, "pyproject.toml")
+            section = data.get("tool", {}).get("modal-vllm", {})
+            if isinstance(section, dict):
+                unknown = set(section) - {"platforms"}
+                if unknown:
+                    key = sorted(unknown)[0]
+                    raise ConfigError(
+                        f"unknown key [tool.modal-vllm.{key}] in pyproject.toml"
+                        f"{_closest(key, ['platforms'])}",
+                        "platforms go in [tool.modal-vllm.platforms.NAME] tables",
+                    )
+                platforms.update(
+                    _tables(
+                        section.get("platforms", {}),
+                        "pyproject.toml",
+                        "tool.modal-vllm.platforms",
+                        rootdir,
+                    )
+                )
+    if config_file:
+        path = Path(config_file)
+        if not path.is_absolute() and rootdir is not None and not path.exists():
+            path = rootdir / path
+        data = _read_toml(path, "platform file")
+        unknown = set(data) - {"platforms"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(
+                f"unknown top-level key {key!r} in {config_file}{_closest(key, ['platforms'])}",
+                "platforms go in [platforms.NAME] tables",
+            )
+        platforms.update(
+            _tables(data.get("platforms", {}), str(config_file), "platforms", path.resolve().parent)
+        )
+    return platforms
+
+
+def select(known: Mapping[str, Platform], names: list[str]) -> list[Platform]:
+    """The platforms named on the command line, in order, or `ConfigError` for an unknown one."""
+    chosen = []
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"unknown platform {name!r}{_closest(name, list(known))}",
+                f"use one of {', '.join(sorted(known))}, or define it in "
+                f"[tool.modal-vllm.platforms.{name}] in pyproject.toml",
+            )
+        chosen.append(known[name])
+    return chosen
+
+
+def with_overrides(platform: Platform, **changes: Any) -> Platform:
+    """A copy with the given fields replaced (used for command-line overrides)."""
+    valid = {f.name for f in fields(Platform)}
+    return replace(platform, **{k: v for k, v in changes.items() if k in valid and v is not None})

@@ -1,0 +1,150 @@
+"""The plugin's per-run state, kept in `config.stash`, and the decisions made from it.
+
+The controller fills it in `pytest_sessionstart` (after the wake); xdist workers fill it from
+`workerinput`. Hooks and fixtures in `plugin.py` only ask it questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .endpoint import Endpoint
+from .platforms import Platform, load_platforms
+from .settings import Settings
+from .usage import UsageMeter
+
+if TYPE_CHECKING:
+    import pytest
+
+    from .clients import ClientFactory
+    from .session import EndpointSession
+
+LLM_FIXTURES = frozenset(
+    {"vllm_platform", "vllm_endpoint", "openai_client", "async_openai_client", "chat_model",
+     "chat_model_factory"}
+)
+WORKERINPUT_KEY = "modal_vllm"
+WORKEROUTPUT_KEY = "modal_vllm_usage"
+
+
+@dataclass
+class Runtime:
+    """Everything the hooks and fixtures of one pytest run share."""
+
+    settings: Settings
+    is_worker: bool = False
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    # Platforms that could not be woken under --vllm-unavailable=skip: name -> paragraph.
+    unavailable: dict[str, str] = field(default_factory=dict)
+    capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    meter: UsageMeter = field(default_factory=UsageMeter)
+    session: EndpointSession | None = None
+    factories: dict[str, ClientFactory] = field(default_factory=dict)
+    _known: dict[str, Platform] | None = None
+
+    @property
+    def selected(self) -> list[str]:
+        """The selected platform names, in order."""
+        return self.settings.platforms
+
+    def known(self) -> dict[str, Platform]:
+        """Every known platform (read lazily: only when a name or capability is needed)."""
+        if self._known is None:
+            self._known = load_platforms(self.settings.rootdir, self.settings["config"])
+        return self._known
+
+    def known_names(self) -> list[str]:
+        """Known platform names for messages; never fails (a broken file lists built-ins)."""
+        from .errors import PlatformError
+
+        try:
+            return sorted(self.known())
+        except PlatformError:
+            from .platforms import builtin_platforms
+
+            return sorted(builtin_platforms())
+
+    def no_platform_reason(self) -> str:
+        """The documented skip reason when no platform is selected."""
+        return (f"no LLM platform selected: pass --vllm-platform=NAME "
+                f"(known: {', '.join(self.known_names())})")
+
+    def factory(self, name: str) -> ClientFactory:
+        """The client factory of a woken platform (one per platform and process)."""
+        from .clients import ClientFactory
+
+        if name not in self.factories:
+            self.factories[name] = ClientFactory(self.endpoints[name], self.meter)
+        return self.factories[name]
+
+    # ------------------------------------------------------------------ skipping
+
+    def skip_reason(self, item: pytest.Item) -> str | None:
+        """Why `item` must be skipped on this run, or None to run it."""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        only = item.get_closest_marker("vllm_platforms")
+        requires = item.get_closest_marker("vllm_requires")
+        if not (fixtures & LLM_FIXTURES or only or requires):
+            return None
+        if not self.selected:
+            return self.no_platform_reason()
+        callspec = getattr(item, "callspec", None)
+        params: Mapping[str, Any] = callspec.params if callspec is not None else {}
+        if "vllm_platform" in params:
+            candidates: Sequence[str] = [str(params["vllm_platform"])]
+        else:
+            candidates = self.selected
+        reasons = [self._reason_for(name, only, requires) for name in candidates]
+        if all(reasons):
+            return reasons[0]
+        return None
+
+    def _reason_for(self, name: str, only: Any, requires: Any) -> str | None:
+        if only is not None and name not in only.args:
+            return f"runs only on {', '.join(only.args)} (this run: {name})"
+        if requires is not None:
+            have = self.capabilities.get(name, ())
+            missing = [cap for cap in requires.args if cap not in have]
+            if missing:
+                return (f"platform {name!r} lacks capability {', '.join(missing)} "
+                        f"(it has: {', '.join(have) or 'none'})")
+        if name in self.unavailable:
+            return self.unavailable[name]
+        return None
+
+    # ------------------------------------------------------------------ xdist
+
+    def to_workerinput(self) -> dict[str, Any]:
+        """What a worker needs: endpoints, unavailable platforms, capabilities."""
+        return {
+            "endpoints": {name: e.to_dict() for name, e in self.endpoints.items()},
+            "unavailable": dict(self.unavailable),
+            "capabilities": {name: list(caps) for name, caps in self.capabilities.items()},
+        }
+
+    def load_workerinput(self, data: Mapping[str, Any]) -> None:
+        """Take the controller's endpoints (workers never start or wake anything)."""
+        self.endpoints = {name: Endpoint.from_dict(e) for name, e in data["endpoints"].items()}
+        self.unavailable = dict(data["unavailable"])
+        self.capabilities = {name: tuple(caps) for name, caps in data["capabilities"].items()}
+
+    # ------------------------------------------------------------------ reports
+
+    def report_platforms(self) -> list[dict[str, Any]]:
+        """Per selected platform: what the report rows show about its endpoint."""
+        rows = []
+        for name in self.selected:
+            endpoint = self.endpoints.get(name)
+            if endpoint is not None:
+                rows.append({"name": name, "base_url": endpoint.base_url,
+                             "model": endpoint.model, "wake_seconds": endpoint.wake_seconds,
+                             "cold": endpoint.cold})
+            else:
+                rows.append({"name": name, "error": self.unavailable.get(name, "not started")})
+        return rows
+
+    def keep_alive_pings(self) -> dict[str, int]:
+        """Keep-alive pings so far (the controller runs keep-alive)."""
+        return self.session.keep_alive_pings() if self.session is not None else {}

@@ -1,0 +1,333 @@
+"""Every option of the plugin, declared once and resolved once, with the source of each value.
+
+Precedence, highest first (resolved in `resolve()`):
+    command line > environment (MODAL_VLLM_*) > ini (pytest config) > platform field > default
+The platform-field level is applied per platform in `session.py` (`effective()`), since each
+selected platform may have its own `wake_timeout` and `keep_alive`.
+
+Values from the environment and ini are validated here and rejected with `ConfigError` (exit 4);
+command-line values are validated by argparse `type=`/`choices=` while pytest parses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .platforms import KEEP_ALIVE_MODES, Platform
+
+if TYPE_CHECKING:
+    import pytest
+
+UNAVAILABLE_MODES = ("fail", "skip")
+
+
+def positive_seconds(text: str) -> float:
+    """Parse a positive number of seconds (argparse `type=`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its command-line flag, ini key and environment variable."""
+
+    dest: str
+    flag: str
+    help: str
+    ini: str | None = None
+    env: str | None = None
+    choices: tuple[str, ...] = ()
+    parse: Callable[[str], Any] | None = None
+    is_flag: bool = False
+    repeatable: bool = False
+    metavar: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "platform",
+        "--vllm-platform",
+        "platform(s) to run against; repeatable and comma-separated",
+        ini="vllm_platform",
+        env="MODAL_VLLM_PLATFORM",
+        repeatable=True,
+        metavar="NAME",
+    ),
+    Option(
+        "config",
+        "--vllm-config",
+        "extra TOML file with [platforms.NAME] tables",
+        ini="vllm_config",
+        env="MODAL_VLLM_CONFIG",
+        metavar="PATH",
+    ),
+    Option(
+        "env_file",
+        "--vllm-env-file",
+        "dotenv file loaded first (default: .env in the rootdir, if present; "
+        "variables already set win; empty string disables)",
+        ini="vllm_env_file",
+        env="MODAL_VLLM_ENV_FILE",
+        metavar="PATH",
+    ),
+    Option(
+        "wake_timeout",
+        "--vllm-wake-timeout",
+        "seconds the blocking wake may take (overrides every platform's wake_timeout)",
+        ini="vllm_wake_timeout",
+        env="MODAL_VLLM_WAKE_TIMEOUT",
+        parse=positive_seconds,
+        metavar="SECONDS",
+    ),
+    Option("no_wake", "--vllm-no-wake", "skip the blocking wake", is_flag=True),
+    Option(
+        "keep_alive",
+        "--vllm-keep-alive",
+        "keep-alive mode for every platform: ping, autoscaler (modal only) or off",
+        ini="vllm_keep_alive",
+        env="MODAL_VLLM_KEEP_ALIVE",
+        choices=KEEP_ALIVE_MODES,
+        metavar="MODE",
+    ),
+    Option(
+        "deploy",
+        "--vllm-deploy",
+        "deploy each selected modal platform's app before waking",
+        is_flag=True,
+    ),
+    Option(
+        "ephemeral",
+        "--vllm-ephemeral",
+        "run each selected modal platform's app as an ephemeral Modal app for this session",
+        is_flag=True,
+    ),
+    Option(
+        "unavailable",
+        "--vllm-unavailable",
+        "what happens when a platform cannot be woken: fail (default) or skip",
+        ini="vllm_unavailable",
+        env="MODAL_VLLM_UNAVAILABLE",
+        choices=UNAVAILABLE_MODES,
+        metavar="MODE",
+    ),
+    Option(
+        "report",
+        "--vllm-report",
+        "write the JSON usage report to this path",
+        ini="vllm_report",
+        env="MODAL_VLLM_REPORT",
+        metavar="PATH",
+    ),
+    Option(
+        "list_platforms",
+        "--vllm-list-platforms",
+        "print every known platform (name, kind, source, model, target) and exit",
+        is_flag=True,
+    ),
+)
+OPTIONS_BY_DEST = {option.dest: option for option in OPTIONS}
+DEFAULTS: dict[str, Any] = {
+    "platform": [],
+    "config": None,
+    "env_file": None,
+    "wake_timeout": None,
+    "no_wake": False,
+    "keep_alive": None,
+    "deploy": False,
+    "ephemeral": False,
+    "unavailable": "fail",
+    "report": None,
+    "list_platforms": False,
+}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Declare every option and ini key on pytest's parser."""
+    group = parser.getgroup("modal-vllm", "LLM endpoints (pytest-modal-vllm)")
+    for option in OPTIONS:
+        dest = f"vllm_{option.dest}"
+        if option.is_flag:
+            group.addoption(option.flag, action="store_true", default=False, dest=dest, help=option.help)
+        else:
+            group.addoption(
+                option.flag,
+                action="append" if option.repeatable else "store",
+                default=None,  # None = not given, so the environment and ini can apply
+                dest=dest,
+                metavar=option.metavar,
+                choices=option.choices or None,
+                type=option.parse,
+                help=option.help + (f" (env {option.env})" if option.env else ""),
+            )
+        if option.ini:
+            parser.addini(option.ini, option.help, default=None)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved options, each with where it came from."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    rootdir: Path | None = None
+    env_file_values: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, dest: str) -> Any:
+        return self.values[dest]
+
+    @property
+    def platforms(self) -> list[str]:
+        """The selected platform names, in order, without duplicates."""
+        return list(self.values["platform"])
+
+    def describe(self, dest: str) -> str:
+        """`name=value (source)` for the report header."""
+        return f"{dest}={self.values[dest]} ({self.sources[dest]})"
+
+    def effective(self, platform: Platform) -> dict[str, tuple[Any, str]]:
+        """Per-platform `wake_timeout` and `keep_alive` with their sources (CLI/env/ini first)."""
+        result: dict[str, tuple[Any, str]] = {}
+        for dest, own, default in (
+            ("wake_timeout", platform.wake_timeout, platform.effective_wake_timeout),
+            ("keep_alive", platform.keep_alive, platform.effective_keep_alive),
+        ):
+            if self.values[dest] is not None:
+                result[dest] = (self.values[dest], self.sources[dest])
+            elif own is not None:
+                result[dest] = (own, f"platform {platform.name}")
+            else:
+                result[dest] = (default, f"{platform.kind} default")
+        return result
+
+
+def _split_names(raw: list[str] | str) -> list[str]:
+    items = raw if isinstance(raw, list) else [raw]
+    names: list[str] = []
+    for item in items:
+        for name in item.replace(",", " ").split():
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _from_text(option: Option, text: str, where: str) -> Any:
+    """Validate a value that came from the environment or ini (argparse checked the CLI)."""
+    if option.choices and text not in option.choices:
+        raise ConfigError(
+            f"{where} is {text!r}, which is not one of {', '.join(option.choices)}",
+            f"set it to one of {', '.join(option.choices)} (or unset it)",
+        )
+    if option.parse is not None:
+        try:
+            return option.parse(text)
+        except argparse.ArgumentTypeError as error:
+            raise ConfigError(f"{where}: {error}", "set it to a positive number, e.g. 600") from None
+    return text
+
+
+def resolve(
+    cli: Mapping[str, Any],
+    ini: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    *,
+    rootdir: Path | None = None,
+) -> Settings:
+    """Resolve every option: command line > environment > ini > default.
+
+    `cli` maps dest -> parsed value or None when not given; `ini` maps ini key -> raw string or
+    None when absent; `environ` is the process environment overlaid on the .env file's values.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        given = cli.get(option.dest)
+        if option.is_flag:
+            values[option.dest], sources[option.dest] = bool(given), (
+                "command line" if given else "default"
+            )
+            continue
+        if given is not None:
+            value, source = given, "command line"
+        elif option.env and environ.get(option.env, "") != "":
+            value = _from_text(option, environ[option.env], f"environment variable {option.env}")
+            source = f"env {option.env}"
+        elif option.ini and ini.get(option.ini) is not None:
+            raw = ini[option.ini]
+            assert raw is not None
+            # An empty ini value is meaningful only for the env file (it disables .env).
+            if raw == "" and option.dest != "env_file":
+                value, source = DEFAULTS[option.dest], "default"
+            else:
+                value = raw if raw == "" else _from_text(option, raw.strip(), f"ini {option.ini}")
+                source = f"ini {option.ini}"
+        else:
+            value, source = DEFAULTS[option.dest], "default"
+        if option.dest == "platform":
+            value = _split_names(value or [])
+        values[option.dest], sources[option.dest] = value, source
+    return Settings(values=values, sources=sources, rootdir=rootdir)
+
+
+def env_file_path(settings_env_file: str | None, rootdir: Path | None) -> Path | None:
+    """The dotenv file to read: the given one, else `.env` in the rootdir if it exists."""
+    if settings_env_file == "":
+        return None
+    if settings_env_file is None:
+        default = (rootdir or Path.cwd()) / ".env"
+        return default if default.is_file() else None
+    path = Path(settings_env_file)
+    if not path.is_absolute() and rootdir is not None and not path.exists():
+        path = rootdir / path
+    if not path.is_file():
+        raise ConfigError(
+            f"the env file {settings_env_file!r} does not exist",
+            "fix the path given to --vllm-env-file / vllm_env_file / MODAL_VLLM_ENV_FILE, "
+            "or pass an empty string to load none",
+        )
+    return path
+
+
+def read_env_file(path: Path | None) -> dict[str, str]:
+    """The variables of a dotenv file, without touching `os.environ` (python-dotenv)."""
+    if path is None:
+        return {}
+    from dotenv import dotenv_values  # imported only when a .env file exists
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def apply_env_file(values: Mapping[str, str]) -> list[str]:
+    """Put the file's variables into `os.environ`; variables already set win. Returns names set."""
+    added = [name for name in values if name not in os.environ]
+    for name in added:
+        os.environ[name] = values[name]
+    return added
+
+
+def from_pytest(config: pytest.Config) -> Settings:
+    """Resolve the settings of a pytest run, reading the .env file first (without applying it)."""
+    cli = {option.dest: config.getoption(f"vllm_{option.dest}") for option in OPTIONS}
+    ini = {option.ini: config.getini(option.ini) for option in OPTIONS if option.ini}
+    rootdir = Path(config.rootpath)
+    # The env file's location itself comes from CLI > env > ini, before .env can say anything.
+    env_option = OPTIONS_BY_DEST["env_file"]
+    env_file = cli["env_file"]
+    if env_file is None:
+        env_file = os.environ.get(env_option.env or "")
+    if env_file is None:
+        env_file = ini.get(env_option.ini or "")
+    file_values = read_env_file(env_file_path(env_file, rootdir))
+    environ = {**file_values, **os.environ}
+    settings = resolve(cli, ini, environ, rootdir=rootdir)
+    return Settings(settings.values, settings.sources, rootdir, file_values)
