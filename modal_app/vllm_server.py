@@ -15,7 +15,8 @@ Settings are environment variables read when this file is imported (at deploy ti
 `MODEL_NAME`               Hugging Face model id (`RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8`)
 `MODEL_REVISION`           commit/branch/tag to load; the bundled models are pinned by default
 `APP_NAME`                 Modal app name: `modal-vllm-llama` for the default model, else
-                           `modal-vllm-<model slug>` (`Qwen/Qwen3-8B-FP8` -> `modal-vllm-qwen3-8b-fp8`)
+                           `modal-vllm-<model slug>` (`Qwen/Qwen3-8B-FP8` gives
+                           `modal-vllm-qwen3-8b-fp8`)
 `GPU`                      Modal GPU spec (`H100:1`); the count after `:` sets tensor parallelism
 `SCALEDOWN_WINDOW`         seconds an idle container stays up (300)
 `STARTUP_TIMEOUT`          seconds vLLM may take to start listening (900)

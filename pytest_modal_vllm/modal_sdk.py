@@ -107,8 +107,10 @@ def not_deployed_error(
 def auth_error(detail: str = "") -> ConfigError:
     """The error for missing or rejected Modal credentials."""
     problem = "no valid Modal credentials"
-    if detail:
-        problem += f" (Modal: {detail.strip().rstrip('.')})"
+    # Modal's own message goes on to suggest `modal token new`: its first sentence is enough.
+    first = detail.strip().split(". ", 1)[0].rstrip(".")
+    if first:
+        problem += f" (Modal: {first})"
     return ConfigError(problem, AUTH_FIX)
 
 
@@ -189,15 +191,15 @@ class LoadedApp:
 
     def handle(self, function: str | None, server: str | None) -> Any:
         """The module attribute named by `server` or `function`: the local Modal handle."""
-        name = target_name(function, server)
-        handle = getattr(self.module, name, None)
         import modal
 
+        name = target_name(function, server)
+        handle = getattr(self.module, name, None)
         expected = modal.Server if server else modal.Function
         if not isinstance(handle, expected):
-            what = "an @app.server class" if server else "a @modal.web_server function"
+            what = "@app.server class" if server else "@modal.web_server function"
             raise ConfigError(
-                f"the Modal app file {str(self.path)!r} has no {what} named {name!r}",
+                f"the Modal app file {str(self.path)!r} defines no {what} named {name!r}",
                 "set the platform's function/server to a name defined in that file",
             )
         return handle
@@ -366,9 +368,9 @@ class ModalSDK:
         self, app: str, function: str | None, server: str | None, environment: str | None
     ) -> str:
         """The URL of a deployed web function or server; `NotDeployedError` if there is none."""
-        errors = _modal_errors("looking up", app=app, function=function, server=server,
-                               environment=environment)  # fmt: skip
-        with errors:
+        with _modal_errors(
+            "looking up", app=app, function=function, server=server, environment=environment
+        ):
             handle = self._remote_handle(app, function, server, environment)
             return self._url_of(handle, _where(app, function, server, environment))
 
@@ -390,10 +392,12 @@ class ModalSDK:
         """Import `app_file` with `deploy_env`, then `app.deploy(name=app_name)` with output."""
         import modal
 
-        with load_app_file(app_file, deploy_env) as loaded:
-            with _modal_errors("deploying", app=app_name, environment=environment, lookup=False):
-                with modal.enable_output():
-                    loaded.app.deploy(name=app_name, environment_name=environment)
+        with (
+            load_app_file(app_file, deploy_env) as loaded,
+            _modal_errors("deploying", app=app_name, environment=environment, lookup=False),
+            modal.enable_output(),
+        ):
+            loaded.app.deploy(name=app_name, environment_name=environment)
 
     @contextlib.contextmanager
     def ephemeral(
@@ -411,9 +415,18 @@ class ModalSDK:
         with load_app_file(app_file, deploy_env) as loaded, contextlib.ExitStack() as stack:
             app_name = loaded.app.name or str(deploy_env.get("APP_NAME", loaded.path.stem))
             handle = loaded.handle(function, server)
-            errors = {"app": app_name, "function": function, "server": server,
-                      "environment": environment}  # fmt: skip
-            with _modal_errors("starting an ephemeral run", lookup=False, **errors):
+
+            def errors(action: str) -> AbstractContextManager[None]:
+                return _modal_errors(
+                    action,
+                    app=app_name,
+                    function=function,
+                    server=server,
+                    environment=environment,
+                    lookup=False,
+                )
+
+            with errors("starting an ephemeral run"):
                 # Closed through the stack with no exception passed in: Modal's run context
                 # swallows a KeyboardInterrupt handed to it, and Ctrl-C must reach pytest.
                 stack.enter_context(loaded.app.run(environment_name=environment))
@@ -424,7 +437,7 @@ class ModalSDK:
                 yield url
             finally:
                 self._ephemeral_handles.pop(key, None)
-                with _modal_errors("stopping the ephemeral run", lookup=False, **errors):
+                with errors("stopping the ephemeral run"):
                     stack.close()
 
     # -- autoscaler
@@ -433,8 +446,13 @@ class ModalSDK:
         self, app: str, function: str | None, server: str | None, environment: str | None
     ) -> int:
         """The current `min_containers` (0 when unset, or when this client cannot read it)."""
-        where = {"app": app, "function": function, "server": server, "environment": environment}
-        with _modal_errors("reading the autoscaler settings", **where):
+        with _modal_errors(
+            "reading the autoscaler settings",
+            app=app,
+            function=function,
+            server=server,
+            environment=environment,
+        ):
             handle = self._remote_handle(app, function, server, environment)
             manager = getattr(handle, "autoscaler", None)
             if manager is None:  # Modal clients before `.autoscaler` cannot read it
@@ -451,8 +469,13 @@ class ModalSDK:
         min_containers: int,
     ) -> None:
         """Set `min_containers` (other autoscaler settings are left as they are)."""
-        where = {"app": app, "function": function, "server": server, "environment": environment}
-        with _modal_errors("updating the autoscaler", **where):
+        with _modal_errors(
+            "updating the autoscaler",
+            app=app,
+            function=function,
+            server=server,
+            environment=environment,
+        ):
             handle = self._remote_handle(app, function, server, environment)
             manager = getattr(handle, "autoscaler", None)
             if manager is not None:

@@ -104,6 +104,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         progress = WakeProgress(
             reporter.write_line, (lambda line: reporter.rewrite(line, erase=True)) if tty else None
         )
+    import httpx  # noqa: F401  (before the pre-import thread: the wake needs it first)
+
     _prewarm_client_imports(config)
     try:
         runtime.session.start(fail_fast=not skip, on_progress=progress)

@@ -810,6 +810,9 @@ class StubServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, like uvicorn and the Modal proxy
+            # Headers and body are separate writes: with Nagle on, a keep-alive client waits
+            # for a delayed ACK (40 ms) on every answer.
+            disable_nagle_algorithm = True
             server_version = "pytest-modal-vllm-stub"
             sys_version = ""
 

@@ -378,6 +378,11 @@ def wake_all(
     Returns the result or the error of each platform. With `fail_fast`, the first error
     cancels the other wakes. A Ctrl-C here cancels every wake.
     """
+    # Imported here, in the calling thread, before any wake starts its clock: an import
+    # running in another thread (the plugin pre-imports openai meanwhile) must not hold a
+    # wake thread on the import lock.
+    import httpx  # noqa: F401
+
     cancel = threading.Event()
     wakers = [Waker(request, cancel=cancel) for request in requests]
     results: dict[str, WakeResult | PlatformError] = {}

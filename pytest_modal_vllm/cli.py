@@ -1,0 +1,252 @@
+"""The `modal-vllm` command: list, wake, inspect, deploy, stop and serve platforms.
+
+It reads platforms the way the plugin does (built-ins, `pyproject.toml` of the current
+directory or the nearest parent that has one, `--config` / `MODAL_VLLM_CONFIG`) and loads
+`.env` from that directory (variables already set win). Exit codes follow the plugin:
+0 ok, 4 configuration error, 75 endpoint not ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import settings as settings_module
+from .errors import EXIT_CONFIG, ConfigError, PlatformError
+from .platforms import Platform, load_platforms, select
+
+if TYPE_CHECKING:
+    from .reporting import WakeProgress
+
+
+def _project_root(start: Path) -> Path:
+    for directory in (start, *start.parents):
+        if (directory / "pyproject.toml").is_file():
+            return directory
+    return start
+
+
+def _settings(args: argparse.Namespace, **cli: object) -> settings_module.Settings:
+    root = _project_root(Path.cwd())
+    given = {"config": args.config, "env_file": args.env_file, **cli}
+    env_file = given["env_file"] if given["env_file"] is not None else os.environ.get(
+        "MODAL_VLLM_ENV_FILE")
+    file_values = settings_module.read_env_file(
+        settings_module.env_file_path(env_file if isinstance(env_file, str) else None, root))
+    settings_module.apply_env_file(file_values)
+    return settings_module.resolve(given, {}, os.environ, rootdir=root)
+
+
+def _platform(args: argparse.Namespace, settings: settings_module.Settings) -> Platform:
+    known = load_platforms(settings.rootdir, settings["config"])
+    return select(known, [args.name])[0]
+
+
+def _progress_writer() -> WakeProgress:
+    from .reporting import WakeProgress
+
+    tty = sys.stderr.isatty()
+
+    def write_line(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def rewrite(line: str) -> None:
+        print("\r\x1b[2K" + line, end="", file=sys.stderr, flush=True)
+
+    return WakeProgress(write_line, rewrite if tty else None)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_platforms(args: argparse.Namespace) -> int:
+    """List every known platform."""
+    from .reporting import platform_rows, platform_table
+
+    settings = _settings(args)
+    known = load_platforms(settings.rootdir, settings["config"])
+    if args.json:
+        print(json.dumps(platform_rows(known), indent=2))
+    else:
+        print("\n".join(platform_table(known)))
+    return 0
+
+
+def cmd_wake(args: argparse.Namespace) -> int:
+    """Wake one platform with a live progress display."""
+    from .reporting import header_line
+    from .session import EndpointSession
+
+    settings = _settings(args, wake_timeout=args.timeout, keep_alive="off")
+    platform = _platform(args, settings)
+    session = EndpointSession([platform], settings)
+    progress = _progress_writer()
+    try:
+        session.start(on_progress=progress)
+    finally:
+        progress.finish()
+        session.close()
+    print(header_line(session.endpoints[platform.name]).replace("vllm: ", "", 1))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a stub or process platform in the foreground until Ctrl-C."""
+    from .session import EndpointSession
+
+    settings = _settings(args, keep_alive="off")
+    platform = _platform(args, settings)
+    if platform.kind not in ("stub", "process"):
+        raise ConfigError(
+            f"'serve' runs stub and process platforms; this one is {platform.kind!r}",
+            f"use 'modal-vllm wake {platform.name}' for a remote endpoint",
+            platform=platform.name,
+        )
+    session = EndpointSession([platform], settings)
+    progress = _progress_writer()
+    try:
+        session.start(on_progress=progress)
+        progress.finish()
+        endpoint = session.endpoints[platform.name]
+        print(f"{platform.name} serving at {endpoint.base_url} model={endpoint.model} "
+              "(Ctrl-C to stop)", flush=True)
+        while True:
+            failure = session.runs[0].provider.failure() if session.runs[0].provider else None
+            if failure:
+                print(f"{platform.name}: the server process died: {failure}", file=sys.stderr)
+                return 75
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        session.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Say where a platform is and whether it answers /health now, without waking it."""
+    import httpx
+
+    settings = _settings(args)
+    platform = _platform(args, settings)
+    print(f"{platform.name}: kind={platform.kind} source={platform.source}")
+    url: str | None = None
+    headers: dict[str, str] = {}
+    if platform.kind == "url":
+        from .providers.url import UrlProvider
+
+        url = UrlProvider(platform).start().base_url
+    elif platform.kind == "modal":
+        from .providers.modal import ModalProvider
+
+        provider = ModalProvider(platform)
+        status = provider.status()
+        print(f"  deployed: {'yes' if status.deployed else 'no'}")
+        if not status.deployed:
+            print(f"  deploy it with: modal-vllm deploy {platform.name}")
+            return 0
+        url = f"{status.url}/v1"
+        headers = dict(provider.proxy_headers())
+    else:
+        print("  not running: started for each session (modal-vllm serve runs it)")
+        return 0
+    print(f"  url: {url}")
+    root = url[: -len("/v1")]
+    try:
+        answer = httpx.get(f"{root}/health", headers=headers, timeout=5.0)
+        verdict = "yes" if answer.status_code == 200 else f"no ({answer.status_code})"
+    except httpx.HTTPError as error:
+        verdict = f"no ({type(error).__name__})"
+    print(f"  answers /health now: {verdict}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Deploy a modal platform's app (Modal's build output is shown)."""
+    from .providers.modal import ModalProvider
+
+    settings = _settings(args)
+    platform = _modal_platform(args, settings, "deploy")
+    url = ModalProvider(platform).deploy()
+    print(f"{platform.name}: deployed app {platform.app!r}" + (f" at {url}" if url else ""))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop a deployed modal platform's app."""
+    from .providers.modal import ModalProvider
+
+    settings = _settings(args)
+    platform = _modal_platform(args, settings, "stop")
+    ModalProvider(platform).stop_app()
+    print(f"{platform.name}: stopped app {platform.app!r}")
+    return 0
+
+
+def _modal_platform(args: argparse.Namespace, settings: settings_module.Settings,
+                    verb: str) -> Platform:
+    platform = _platform(args, settings)
+    if platform.kind != "modal":
+        raise ConfigError(
+            f"'{verb}' applies to modal platforms; this one is {platform.kind!r}",
+            "pick a modal platform (modal-vllm platforms lists them)",
+            platform=platform.name,
+        )
+    return platform
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `modal-vllm`."""
+    parser = argparse.ArgumentParser(
+        prog="modal-vllm", description="Manage the LLM platforms of pytest-modal-vllm."
+    )
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="extra platform TOML file (env MODAL_VLLM_CONFIG)")
+    parser.add_argument("--env-file", default=None, metavar="PATH",
+                        help="dotenv file to load (default .env; empty string: none)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = commands.add_parser("platforms", help="list known platforms")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=cmd_platforms)
+    wake = commands.add_parser("wake", help="wake a platform and wait until it is ready")
+    wake.add_argument("name")
+    wake.add_argument("--timeout", type=settings_module.positive_seconds, default=None,
+                      metavar="SECONDS", help="wake timeout (default: the platform's)")
+    wake.set_defaults(run=cmd_wake)
+    for name, helptext, run in (
+        ("status", "deployed or not, URL, answers /health now; wakes nothing", cmd_status),
+        ("deploy", "deploy a modal platform's app", cmd_deploy),
+        ("stop", "stop a deployed modal platform's app", cmd_stop),
+        ("serve", "run a stub or process platform in the foreground", cmd_serve),
+    ):
+        command = commands.add_parser(name, help=helptext)
+        command.add_argument("name")
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `modal-vllm`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except PlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as error:  # e.g. an invalid value caught by settings validation
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

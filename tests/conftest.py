@@ -1,0 +1,112 @@
+"""Shared fixtures of the plugin's own test suite: real fake endpoints on 127.0.0.1.
+
+`endpoint_server(**behaviour)` starts a `StubServer` with the given switches (cold start
+style, API key, proxy auth, redirects, scale to zero, faults) and stops it at teardown.
+`write_platforms(pytester, {...})` writes `[tool.modal-vllm.platforms.*]` into the pytester
+project's pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from pytest_modal_vllm.stub_server import Behaviour, StubServer
+
+# Secrets used by the tests: the leak checks grep every output for these.
+API_KEY = "sk-test-4f1d9c2b7a"
+PROXY_KEY = "wk-proxy-91b2c3"
+PROXY_SECRET = "ws-proxy-secret-77aa1e"
+SECRETS = (API_KEY, PROXY_KEY, PROXY_SECRET)
+
+
+@pytest.fixture(autouse=True)
+def _clean_plugin_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs under test must not see the developer's platform choice or keys."""
+    for name in list(os.environ):
+        if name.startswith("MODAL_VLLM_") or name in ("VLLM_API_KEY", "VLLM_API_URL",
+                                                      "VLLM_MODEL", "GITHUB_STEP_SUMMARY"):
+            monkeypatch.delenv(name, raising=False)
+    # Never let a test reach Modal's cloud with real or fake credentials.
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
+
+
+@pytest.fixture
+def endpoint_server() -> Iterator[Callable[..., StubServer]]:
+    """Factory: `endpoint_server(cold_start=2, cold_style="hold", model="m", ...)` -> started."""
+    servers: list[StubServer] = []
+
+    def start(*, model: str = "stub", script: str | None = None, **behaviour: Any) -> StubServer:
+        server = StubServer(model=model, script=script, behaviour=Behaviour(**behaviour))
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as TOML (enough for platform tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def platforms_toml(platforms: Mapping[str, Mapping[str, Any]], prefix: str) -> str:
+    """`[prefix.NAME]` tables for each platform."""
+    chunks = []
+    for name, fields in platforms.items():
+        lines = [f"[{prefix}.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in fields.items()]
+        chunks.append("\n".join(lines))
+    return "\n\n".join(chunks) + "\n"
+
+
+@pytest.fixture
+def write_platforms(pytester: pytest.Pytester) -> Callable[..., None]:
+    """Write platform tables into the pytester project's pyproject.toml (with ini extras)."""
+
+    def write(platforms: Mapping[str, Mapping[str, Any]], ini: str = "") -> None:
+        text = "[tool.pytest.ini_options]\n" + ini + "\n\n"
+        text += platforms_toml(platforms, "tool.modal-vllm.platforms")
+        pytester.path.joinpath("pyproject.toml").write_text(text)
+
+    return write
+
+
+LLM_TEST = '''
+def test_openai(openai_client, vllm_endpoint):
+    answer = openai_client.chat.completions.create(
+        model=vllm_endpoint.model, messages=[{"role": "user", "content": "ping"}]
+    )
+    assert answer.choices[0].message.content
+
+def test_chat_model(chat_model):
+    assert chat_model.invoke("hello").content
+'''
+
+
+@pytest.fixture
+def llm_suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A pytester project with two LLM tests (openai_client and chat_model)."""
+    pytester.makepyfile(test_llm=LLM_TEST)
+    return pytester
+
+
+def assert_no_secrets(*texts: str) -> None:
+    """Fail if any test secret appears in any of the texts."""
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, f"secret {secret[:6]}... leaked"

@@ -1,0 +1,288 @@
+"""The Modal SDK adapter, as far as it can be tested for real without Modal's cloud.
+
+Without credentials, Modal 1.6 fails every call at once with `AuthError`, before touching the
+network (checked here with sockets that refuse to connect), so the no-credentials path of
+the real adapter runs for real. Everything past authentication needs the cloud: the fake
+adapter (`fake_modal.py`) stands in for it in the provider and plugin tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_modal import FakeModal
+
+from pytest_modal_vllm import modal_sdk
+from pytest_modal_vllm.errors import ConfigError, UnavailableError
+from pytest_modal_vllm.modal_sdk import (
+    ADAPTER_ENV,
+    ModalSDK,
+    NotDeployedError,
+    bundled_app_file,
+    load_app_file,
+    load_sdk,
+)
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This environment without any Modal setting, and HOME pointing at an empty folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
+    env["HOME"] = str(home)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
+    env.update(extra)
+    return env
+
+
+def run_python(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=str(REPO),
+    )
+
+
+# ---------------------------------------------------------------- no import cost
+
+
+def test_importing_the_adapter_and_provider_does_not_import_modal(tmp_path: Path) -> None:
+    result = run_python(
+        """
+        import sys
+        import pytest_modal_vllm.modal_sdk
+        import pytest_modal_vllm.providers.modal
+        from pytest_modal_vllm.modal_sdk import load_sdk
+        load_sdk()  # building the adapter imports nothing either
+        print("modal" in sys.modules)
+        """,
+        clean_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- the bundled app
+
+
+def test_bundled_app_file_exists() -> None:
+    path = bundled_app_file()
+    assert path.is_file()
+    assert path.name == "vllm_server.py"
+    assert path == REPO / "modal_app" / "vllm_server.py"  # a checkout, not a wheel
+
+
+# ---------------------------------------------------------------- the seam
+
+
+def test_load_sdk_defaults_to_the_real_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADAPTER_ENV, raising=False)
+    assert isinstance(load_sdk(), ModalSDK)
+
+
+def test_load_sdk_loads_module_attr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ADAPTER_ENV, "fake_modal:FakeModal")
+    assert isinstance(load_sdk(), FakeModal)
+
+
+@pytest.mark.parametrize(
+    "spec", ["fake_modal", "fake_modal:", "no_such_module_xyz:Fake", "fake_modal:NoSuchThing"]
+)
+def test_load_sdk_bad_spec_is_a_config_error(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    monkeypatch.setenv(ADAPTER_ENV, spec)
+    with pytest.raises(ConfigError, match=ADAPTER_ENV):
+        load_sdk()
+
+
+def test_the_seam_reaches_subprocesses(tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    env = clean_env(
+        tmp_path,
+        **{
+            ADAPTER_ENV: "fake_modal:FakeModal",
+            "FAKE_MODAL_CALLS": str(calls),
+            "FAKE_MODAL_URLS": json.dumps({"a/serve": "http://127.0.0.1:1"}),
+        },
+    )
+    result = run_python(
+        """
+        from pytest_modal_vllm.modal_sdk import load_sdk
+        print(load_sdk().locate("a", "serve", None, None))
+        """,
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "http://127.0.0.1:1"
+    assert json.loads(calls.read_text())["call"] == "locate"
+
+
+# ---------------------------------------------------------------- no credentials, for real
+
+NO_CREDENTIALS_SCRIPT = """
+import json, socket, sys, time
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("network access attempted")
+
+socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
+socket.create_connection = refuse
+
+from pytest_modal_vllm.errors import PlatformError
+from pytest_modal_vllm.modal_sdk import ModalSDK, bundled_app_file
+
+sdk = ModalSDK()
+calls = {
+    "locate": lambda: sdk.locate("some-app", "serve", None, None),
+    "locate_server": lambda: sdk.locate("some-app", None, "Srv", "dev"),
+    "status": lambda: sdk.status("some-app", "serve", None, None),
+    "get_min_containers": lambda: sdk.get_min_containers("some-app", "serve", None, None),
+    "update_autoscaler": lambda: sdk.update_autoscaler("some-app", "serve", None, None, 1),
+    "stop_app": lambda: sdk.stop_app("some-app", None),
+    "deploy": lambda: sdk.deploy(bundled_app_file(), {}, "some-app", None),
+    "ephemeral": lambda: sdk.ephemeral(bundled_app_file(), {}, "serve", None, None).__enter__(),
+}
+results = {}
+for name, call in calls.items():
+    started = time.monotonic()
+    try:
+        call()
+        results[name] = {"error": None}
+    except PlatformError as error:
+        results[name] = {"error": type(error).__name__, "exit_code": error.exit_code,
+                         "text": str(error), "seconds": time.monotonic() - started}
+print(json.dumps(results))
+"""
+
+
+def test_no_credentials_give_the_auth_hint_at_once_without_network(tmp_path: Path) -> None:
+    result = run_python(NO_CREDENTIALS_SCRIPT, clean_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    results: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(results) == {
+        "locate",
+        "locate_server",
+        "status",
+        "get_min_containers",
+        "update_autoscaler",
+        "stop_app",
+        "deploy",
+        "ephemeral",
+    }
+    for name, outcome in results.items():
+        assert outcome["error"] == "ConfigError", (name, outcome)
+        assert outcome["exit_code"] == 4
+        text = outcome["text"]
+        assert "modal setup" in text, (name, text)
+        assert "MODAL_TOKEN_ID" in text
+        assert "MODAL_TOKEN_SECRET" in text
+        assert "network access attempted" not in text
+    assert not list(tmp_path.iterdir())  # no token file, no config written
+
+
+# ---------------------------------------------------------------- Modal errors, translated
+
+
+def _raise(exc: BaseException, *, lookup: bool = True) -> None:
+    with modal_sdk._modal_errors("looking up", app="a", function="serve", lookup=lookup):
+        raise exc
+
+
+def test_modal_errors_become_the_plugins_errors() -> None:
+    from modal import exception as mx
+
+    with pytest.raises(NotDeployedError, match=r"not deployed.*App 'a' not found"):
+        _raise(mx.NotFoundError("App 'a' not found"))
+    with pytest.raises(ConfigError, match="modal secret create") as secret:
+        _raise(mx.NotFoundError("Secret 'vllm-api-key' not found"), lookup=False)
+    assert not isinstance(secret.value, NotDeployedError)
+    with pytest.raises(ConfigError, match="modal setup"):
+        _raise(mx.AuthError("Token missing"))
+    with pytest.raises(ConfigError, match="refused"):
+        _raise(mx.InvalidError("bad name"))
+    with pytest.raises(UnavailableError, match="ServiceError"):
+        _raise(mx.ServiceError("unavailable"))
+    with pytest.raises(KeyError):  # not Modal's: passes through untouched
+        _raise(KeyError("x"))
+
+
+# ---------------------------------------------------------------- importing app files
+
+APP_TEMPLATE = """
+import os
+import modal
+
+SEEN = os.environ.get("FAKE_SETTING")
+app = modal.App(os.environ.get("APP_NAME", "default-name"))
+
+@app.function()
+@modal.web_server(port=8000)
+def serve() -> None:
+    pass
+"""
+
+
+def test_load_app_file_applies_deploy_env_only_during_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modal
+
+    app_file = tmp_path / "my_app.py"
+    app_file.write_text(APP_TEMPLATE)
+    monkeypatch.setenv("FAKE_SETTING", "before")
+    monkeypatch.delenv("APP_NAME", raising=False)
+    with load_app_file(app_file, {"FAKE_SETTING": "during", "APP_NAME": "x-app"}) as loaded:
+        assert loaded.module.SEEN == "during"
+        assert loaded.app.name == "x-app"
+        assert isinstance(loaded.handle("serve", None), modal.Function)
+        assert os.environ["FAKE_SETTING"] == "before"
+        assert "APP_NAME" not in os.environ
+        assert sys.modules["my_app"] is loaded.module  # the name Modal's containers use
+        with pytest.raises(ConfigError, match=r"no @modal\.web_server function named 'other'"):
+            loaded.handle("other", None)
+        with pytest.raises(ConfigError, match=r"@app\.server class named 'Srv'"):
+            loaded.handle(None, "Srv")
+    assert "my_app" not in sys.modules
+
+
+def test_load_app_file_errors(tmp_path: Path) -> None:
+    with (
+        pytest.raises(ConfigError, match="does not exist"),
+        load_app_file(tmp_path / "missing.py", {}),
+    ):
+        pass
+    no_app = tmp_path / "no_app.py"
+    no_app.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match=r"defines no modal\.App"), load_app_file(no_app, {}):
+        pass
+    broken = tmp_path / "broken.py"
+    broken.write_text("import os\nraise ValueError(os.environ['BAD'])\n")
+    with (
+        pytest.raises(ConfigError, match=r"failed to import.*ValueError: oops"),
+        load_app_file(broken, {"BAD": "oops"}),
+    ):
+        pass
+    assert "BAD" not in os.environ
+
+
+def test_bad_deploy_env_for_the_bundled_app_is_a_config_error() -> None:
+    with (
+        pytest.raises(ConfigError, match="FAST_BOOT"),
+        load_app_file(bundled_app_file(), {"FAST_BOOT": "maybe"}),
+    ):
+        pass
+    # Rejected while importing, before any Modal call: deploy says the same.
+    with pytest.raises(ConfigError, match="FAST_BOOT"):
+        ModalSDK().deploy(bundled_app_file(), {"FAST_BOOT": "maybe"}, "x", None)
