@@ -183,8 +183,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     platform = _modal_platform(args, settings, "stop")
-    ModalProvider(platform).stop_app()
-    print(f"{platform.name}: stopped app {platform.app!r}")
+    if ModalProvider(platform).stop_app():
+        print(f"{platform.name}: stopped app {platform.app!r}")
+    else:
+        print(f"{platform.name}: app {platform.app!r} is not deployed, nothing to stop")
     return 0
 
 

@@ -205,15 +205,15 @@ class LoadedApp:
         return handle
 
 
-@contextlib.contextmanager
-def load_app_file(app_file: Path, deploy_env: Mapping[str, str]) -> Iterator[LoadedApp]:
+def load_app_file(app_file: Path, deploy_env: Mapping[str, str]) -> LoadedApp:
     """Import `app_file` with `deploy_env` applied to `os.environ`, like `modal deploy FILE`.
 
-    The environment is restored as soon as the import is done: the app file reads its
-    settings at import. The module stays registered in `sys.modules` under its file stem (the
-    name Modal's containers import it by) while the context is open, and the previous entry,
-    if any, comes back afterwards. `os.environ` is process-wide: do not import app files from
-    two threads at once.
+    Each call imports the file afresh (two platforms may share one file with different
+    settings). The environment is restored as soon as the import is done: the app file reads
+    its settings at import. During the import the module is registered in `sys.modules` under
+    its file stem, the name Modal's containers import it by (Modal resolves each decorated
+    function's module while decorating); the previous entry comes back afterwards.
+    `os.environ` is process-wide: do not import app files from two threads at once.
     """
     import modal
 
@@ -238,35 +238,34 @@ def load_app_file(app_file: Path, deploy_env: Mapping[str, str]) -> Iterator[Loa
     saved_env = {key: os.environ.get(key) for key in deploy_env}
     sys.modules[name] = module
     try:
-        try:
-            os.environ.update({key: str(value) for key, value in deploy_env.items()})
-            spec.loader.exec_module(module)
-        except Exception as error:
-            raise ConfigError(
-                f"the Modal app file {str(path)!r} failed to import with deploy_env "
-                f"{sorted(deploy_env)}: {type(error).__name__}: {error}",
-                "fix the deploy_env values of the platform (or the app file)",
-            ) from error
-        finally:
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        apps = {attr: obj for attr, obj in vars(module).items() if isinstance(obj, modal.App)}
-        if not apps:
-            raise ConfigError(
-                f"the Modal app file {str(path)!r} defines no modal.App",
-                "define `app = modal.App(...)` at module level",
-            )
-        # Like `modal deploy`, prefer the attribute named `app` when there are several.
-        app = apps.get("app") or next(iter(apps.values()))
-        yield LoadedApp(path=path, module=module, app=app)
+        os.environ.update({key: str(value) for key, value in deploy_env.items()})
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise ConfigError(
+            f"the Modal app file {str(path)!r} failed to import with deploy_env "
+            f"{sorted(deploy_env)}: {type(error).__name__}: {error}",
+            "fix the deploy_env values of the platform (or the app file)",
+        ) from error
     finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if previous_module is None:
             sys.modules.pop(name, None)
         else:
             sys.modules[name] = previous_module
+
+    apps = {attr: obj for attr, obj in vars(module).items() if isinstance(obj, modal.App)}
+    if not apps:
+        raise ConfigError(
+            f"the Modal app file {str(path)!r} defines no modal.App",
+            "define `app = modal.App(...)` at module level",
+        )
+    # Like `modal deploy`, prefer the attribute named `app` when there are several.
+    app = apps.get("app") or next(iter(apps.values()))
+    return LoadedApp(path=path, module=module, app=app)
 
 
 # ----------------------------------------------------------------------- the adapter
@@ -392,8 +391,8 @@ class ModalSDK:
         """Import `app_file` with `deploy_env`, then `app.deploy(name=app_name)` with output."""
         import modal
 
+        loaded = load_app_file(app_file, deploy_env)
         with (
-            load_app_file(app_file, deploy_env) as loaded,
             _modal_errors("deploying", app=app_name, environment=environment, lookup=False),
             modal.enable_output(),
         ):
@@ -412,33 +411,34 @@ class ModalSDK:
 
         The app stops when the context closes, also on an exception or Ctrl-C.
         """
-        with load_app_file(app_file, deploy_env) as loaded, contextlib.ExitStack() as stack:
-            app_name = loaded.app.name or str(deploy_env.get("APP_NAME", loaded.path.stem))
-            handle = loaded.handle(function, server)
+        loaded = load_app_file(app_file, deploy_env)
+        app_name = loaded.app.name or str(deploy_env.get("APP_NAME", loaded.path.stem))
+        handle = loaded.handle(function, server)
+        key = (app_name, target_name(function, server))
 
-            def errors(action: str) -> AbstractContextManager[None]:
-                return _modal_errors(
-                    action,
-                    app=app_name,
-                    function=function,
-                    server=server,
-                    environment=environment,
-                    lookup=False,
-                )
+        def errors(action: str) -> AbstractContextManager[None]:
+            return _modal_errors(
+                action,
+                app=app_name,
+                function=function,
+                server=server,
+                environment=environment,
+                lookup=False,
+            )
 
+        # Closed in `finally` with no exception handed in, whatever happened: Modal's run
+        # context swallows a KeyboardInterrupt passed to its exit, and Ctrl-C must reach pytest.
+        stack = contextlib.ExitStack()
+        try:
             with errors("starting an ephemeral run"):
-                # Closed through the stack with no exception passed in: Modal's run context
-                # swallows a KeyboardInterrupt handed to it, and Ctrl-C must reach pytest.
                 stack.enter_context(loaded.app.run(environment_name=environment))
                 url = self._url_of(handle, _where(app_name, function, server, environment))
-            key = (app_name, target_name(function, server))
             self._ephemeral_handles[key] = handle
-            try:
-                yield url
-            finally:
-                self._ephemeral_handles.pop(key, None)
-                with errors("stopping the ephemeral run"):
-                    stack.close()
+            yield url
+        finally:
+            self._ephemeral_handles.pop(key, None)
+            with errors("stopping the ephemeral run"):
+                stack.close()
 
     # -- autoscaler
 

@@ -265,6 +265,14 @@ def resolve(
         elif option.ini and ini.get(option.ini) is not None:
             raw = ini[option.ini]
             assert raw is not None
+            # pyproject's [tool.pytest.ini_options] hands TOML lists over as lists.
+            if isinstance(raw, list):
+                if not option.repeatable:
+                    raise ConfigError(
+                        f"ini {option.ini} is a list ({raw!r}), but it takes one value",
+                        f'write {option.ini} = "..." as a single string',
+                    )
+                raw = " ".join(str(item) for item in raw)
             # An empty ini value is meaningful only for the env file (it disables .env).
             if raw == "" and option.dest != "env_file":
                 value, source = DEFAULTS[option.dest], "default"

@@ -243,46 +243,183 @@ def test_load_app_file_applies_deploy_env_only_during_import(
     app_file.write_text(APP_TEMPLATE)
     monkeypatch.setenv("FAKE_SETTING", "before")
     monkeypatch.delenv("APP_NAME", raising=False)
-    with load_app_file(app_file, {"FAKE_SETTING": "during", "APP_NAME": "x-app"}) as loaded:
-        assert loaded.module.SEEN == "during"
-        assert loaded.app.name == "x-app"
-        assert isinstance(loaded.handle("serve", None), modal.Function)
-        assert os.environ["FAKE_SETTING"] == "before"
-        assert "APP_NAME" not in os.environ
-        assert sys.modules["my_app"] is loaded.module  # the name Modal's containers use
-        with pytest.raises(ConfigError, match=r"no @modal\.web_server function named 'other'"):
-            loaded.handle("other", None)
-        with pytest.raises(ConfigError, match=r"@app\.server class named 'Srv'"):
-            loaded.handle(None, "Srv")
-    assert "my_app" not in sys.modules
+    sentinel = object()
+    monkeypatch.setitem(sys.modules, "my_app", sentinel)
+    loaded = load_app_file(app_file, {"FAKE_SETTING": "during", "APP_NAME": "x-app"})
+    assert loaded.module.SEEN == "during"
+    assert loaded.app.name == "x-app"
+    assert isinstance(loaded.handle("serve", None), modal.Function)
+    assert os.environ["FAKE_SETTING"] == "before"
+    assert "APP_NAME" not in os.environ
+    assert sys.modules["my_app"] is sentinel  # registered only while importing
+    with pytest.raises(ConfigError, match=r"no @modal\.web_server function named 'other'"):
+        loaded.handle("other", None)
+    with pytest.raises(ConfigError, match=r"@app\.server class named 'Srv'"):
+        loaded.handle(None, "Srv")
+    # A second import is a fresh module with its own settings.
+    again = load_app_file(app_file, {"FAKE_SETTING": "second"})
+    assert again.module is not loaded.module
+    assert again.module.SEEN == "second"
+    assert again.app.name == "default-name"
 
 
 def test_load_app_file_errors(tmp_path: Path) -> None:
-    with (
-        pytest.raises(ConfigError, match="does not exist"),
-        load_app_file(tmp_path / "missing.py", {}),
-    ):
-        pass
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_app_file(tmp_path / "missing.py", {})
     no_app = tmp_path / "no_app.py"
     no_app.write_text("X = 1\n")
-    with pytest.raises(ConfigError, match=r"defines no modal\.App"), load_app_file(no_app, {}):
-        pass
+    with pytest.raises(ConfigError, match=r"defines no modal\.App"):
+        load_app_file(no_app, {})
     broken = tmp_path / "broken.py"
     broken.write_text("import os\nraise ValueError(os.environ['BAD'])\n")
-    with (
-        pytest.raises(ConfigError, match=r"failed to import.*ValueError: oops"),
-        load_app_file(broken, {"BAD": "oops"}),
-    ):
-        pass
+    with pytest.raises(ConfigError, match=r"failed to import.*ValueError: oops"):
+        load_app_file(broken, {"BAD": "oops"})
     assert "BAD" not in os.environ
+    assert "broken" not in sys.modules
 
 
 def test_bad_deploy_env_for_the_bundled_app_is_a_config_error() -> None:
-    with (
-        pytest.raises(ConfigError, match="FAST_BOOT"),
-        load_app_file(bundled_app_file(), {"FAST_BOOT": "maybe"}),
-    ):
-        pass
+    with pytest.raises(ConfigError, match="FAST_BOOT"):
+        load_app_file(bundled_app_file(), {"FAST_BOOT": "maybe"})
     # Rejected while importing, before any Modal call: deploy says the same.
     with pytest.raises(ConfigError, match="FAST_BOOT"):
         ModalSDK().deploy(bundled_app_file(), {"FAST_BOOT": "maybe"}, "x", None)
+
+
+# ---------------------------------------------------------------- the wiring, SDK stubbed
+# The calls past authentication need Modal's cloud; stubbing the SDK methods checks how the
+# adapter drives them (arguments, output, stopping on Ctrl-C) without it.
+
+
+@pytest.fixture
+def stubbed_sdk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    import contextlib
+
+    import modal
+
+    events: list[tuple[str, Any]] = []
+
+    def deploy(self: Any, *, name: str, environment_name: str | None) -> Any:
+        events.append(("deploy", (self.name, name, environment_name)))
+        return self
+
+    @contextlib.contextmanager
+    def run(self: Any, *, environment_name: str | None = None) -> Any:
+        events.append(("run_enter", (self.name, environment_name)))
+        try:
+            yield self
+        except KeyboardInterrupt:
+            # Like Modal's own run context: a Ctrl-C handed in is swallowed.
+            events.append(("run_swallowed", None))
+            return
+        events.append(("run_exit", None))
+
+    monkeypatch.setattr(modal.App, "deploy", deploy)
+    monkeypatch.setattr(modal.App, "run", run)
+    monkeypatch.setattr(modal.Function, "get_web_url", lambda self: "https://w--app.modal.run/")
+    return events
+
+
+def test_deploy_imports_with_deploy_env_and_deploys_by_name(
+    stubbed_sdk: list[tuple[str, Any]],
+) -> None:
+    ModalSDK().deploy(bundled_app_file(), {"APP_NAME": "from-env"}, "my-app", "dev")
+    assert stubbed_sdk == [("deploy", ("from-env", "my-app", "dev"))]
+
+
+def test_ephemeral_yields_the_local_url_and_stops(stubbed_sdk: list[tuple[str, Any]]) -> None:
+    sdk = ModalSDK()
+    with sdk.ephemeral(bundled_app_file(), {"APP_NAME": "eph"}, "serve", None, "dev") as url:
+        assert url == "https://w--app.modal.run"
+        # Autoscaler calls for this app use the local handle: it cannot be looked up by name.
+        assert ("eph", "serve") in sdk._ephemeral_handles
+    assert stubbed_sdk == [("run_enter", ("eph", "dev")), ("run_exit", None)]
+    assert sdk._ephemeral_handles == {}
+
+
+def test_ephemeral_lets_ctrl_c_through(stubbed_sdk: list[tuple[str, Any]]) -> None:
+    with (
+        pytest.raises(KeyboardInterrupt),
+        ModalSDK().ephemeral(bundled_app_file(), {"APP_NAME": "eph"}, "serve", None, None),
+    ):
+        raise KeyboardInterrupt
+    # The run was closed normally (stopping the app), and Ctrl-C was not swallowed.
+    assert stubbed_sdk == [("run_enter", ("eph", None)), ("run_exit", None)]
+
+
+def test_ephemeral_with_an_unknown_function_fails_before_running(
+    stubbed_sdk: list[tuple[str, Any]],
+) -> None:
+    with (
+        pytest.raises(ConfigError, match="'nope'"),
+        ModalSDK().ephemeral(bundled_app_file(), {}, "nope", None, None),
+    ):
+        pass
+    assert stubbed_sdk == []
+
+
+def test_locate_a_server_uses_get_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    import modal
+
+    seen: list[str | None] = []
+
+    def get_url(self: Any) -> str:
+        seen.append(type(self).__name__)
+        return "https://w--app-srv.modal.run"
+
+    monkeypatch.setattr(modal.Server, "get_url", get_url)
+    assert ModalSDK().locate("app", None, "Srv", "dev") == "https://w--app-srv.modal.run"
+    assert seen == ["Server"]
+
+
+class _Manager:
+    def __init__(self, value: int | None, log: list[Any]) -> None:
+        self.value, self.log = value, log
+
+    def settings(self) -> Any:
+        return type("Settings", (), {"min_containers": self.value})()
+
+    def update(self, *, min_containers: int) -> None:
+        self.log.append(("autoscaler.update", min_containers))
+
+
+class _Handle:
+    def __init__(self, manager: _Manager | None, log: list[Any]) -> None:
+        if manager is not None:
+            self.autoscaler = manager
+        self.log = log
+
+    def update_autoscaler(self, *, min_containers: int) -> None:
+        self.log.append(("update_autoscaler", min_containers))
+
+
+@pytest.mark.parametrize(("stored", "read"), [(None, 0), (0, 0), (2, 2)])
+def test_autoscaler_reads_and_updates_through_autoscaler_manager(
+    monkeypatch: pytest.MonkeyPatch, stored: int | None, read: int
+) -> None:
+    import modal
+
+    log: list[Any] = []
+    lookups: list[tuple[Any, ...]] = []
+
+    def from_name(app: str, name: str, *, environment_name: str | None = None) -> _Handle:
+        lookups.append((app, name, environment_name))
+        return _Handle(_Manager(stored, log), log)
+
+    monkeypatch.setattr(modal.Function, "from_name", from_name)
+    sdk = ModalSDK()
+    assert sdk.get_min_containers("app", "serve", None, "dev") == read
+    sdk.update_autoscaler("app", "serve", None, "dev", 1)
+    assert log == [("autoscaler.update", 1)]
+    assert lookups == [("app", "serve", "dev")] * 2
+
+
+def test_autoscaler_on_clients_without_the_manager(monkeypatch: pytest.MonkeyPatch) -> None:
+    import modal
+
+    log: list[Any] = []
+    monkeypatch.setattr(modal.Function, "from_name", lambda *a, **k: _Handle(None, log))
+    sdk = ModalSDK()
+    assert sdk.get_min_containers("app", "serve", None, None) == 0  # cannot be read
+    sdk.update_autoscaler("app", "serve", None, None, 1)
+    assert log == [("update_autoscaler", 1)]

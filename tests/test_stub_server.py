@@ -28,8 +28,8 @@ from pytest_modal_vllm import stub_server
 from pytest_modal_vllm.stub_server import Behaviour, StubServer
 
 REPO_ROOT = Path(stub_server.__file__).resolve().parents[1]
-USER = [{"role": "user", "content": "hello there world"}]
-WEATHER_TOOL = {
+USER: list[Any] = [{"role": "user", "content": "hello there world"}]
+WEATHER_TOOL: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -108,7 +108,12 @@ def test_health_and_models(serve: Callable[..., StubServer]) -> None:
     assert models == {
         "object": "list",
         "data": [
-            {"id": "my-model", "object": "model", "created": stub_server.CREATED, "owned_by": "stub"}
+            {
+                "id": "my-model",
+                "object": "model",
+                "created": stub_server.CREATED,
+                "owned_by": "stub",
+            }
         ],
     }
     assert [m.id for m in client_for(server).models.list()] == ["my-model"]
@@ -116,8 +121,8 @@ def test_health_and_models(serve: Callable[..., StubServer]) -> None:
 
 def test_echo_completion_with_usage(serve: Callable[..., StubServer]) -> None:
     server = serve()
-    messages = [{"role": "system", "content": "be brief"}, *USER]
-    result = client_for(server).chat.completions.create(model="stub", messages=messages)  # type: ignore[arg-type]
+    messages: list[Any] = [{"role": "system", "content": "be brief"}, *USER]
+    result = client_for(server).chat.completions.create(model="stub", messages=messages)
     assert result.model == "stub"
     choice = result.choices[0]
     assert (choice.message.role, choice.message.content) == ("assistant", "echo: hello there world")
@@ -132,8 +137,8 @@ def test_echo_completion_with_usage(serve: Callable[..., StubServer]) -> None:
 
 def test_content_parts_are_read(serve: Callable[..., StubServer]) -> None:
     server = serve()
-    messages = [{"role": "user", "content": [{"type": "text", "text": "from parts"}]}]
-    result = client_for(server).chat.completions.create(model="stub", messages=messages)  # type: ignore[arg-type]
+    messages: list[Any] = [{"role": "user", "content": [{"type": "text", "text": "from parts"}]}]
+    result = client_for(server).chat.completions.create(model="stub", messages=messages)
     assert result.choices[0].message.content == "echo: from parts"
 
 
@@ -145,7 +150,9 @@ def test_stream_word_by_word_with_usage(serve: Callable[..., StubServer]) -> Non
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
     assert pieces == ["echo: ", "hello ", "there ", "world"]
     assert chunks[-2].choices[0].finish_reason == "stop"
     assert chunks[-1].choices == []
@@ -184,7 +191,7 @@ def test_keep_alive_reuses_one_connection(serve: Callable[..., StubServer]) -> N
 def test_unknown_model_and_path(serve: Callable[..., StubServer]) -> None:
     server = serve(model="served")
     with pytest.raises(openai.NotFoundError) as info:
-        client_for(server).chat.completions.create(model="other", messages=USER)  # type: ignore[arg-type]
+        client_for(server).chat.completions.create(model="other", messages=USER)
     assert "The model `other` does not exist." in str(info.value)
     raw = httpx.post(f"{server.base_url}/chat/completions", json={"model": "x", "messages": USER})
     assert raw.status_code == 404
@@ -198,7 +205,7 @@ def test_unknown_model_and_path(serve: Callable[..., StubServer]) -> None:
 
 def test_json_schema_reply_is_generated_from_the_schema(serve: Callable[..., StubServer]) -> None:
     server = serve()
-    schema = {
+    schema: dict[str, Any] = {
         "type": "object",
         "properties": {
             "name": {"type": "string"},
@@ -248,12 +255,12 @@ def test_forced_tool_choice_samples_the_parameters(serve: Callable[..., StubServ
     result = client_for(server).chat.completions.create(
         model="stub",
         messages=USER,
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
-    call = (result.choices[0].message.tool_calls or [])[0]
-    assert call.function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(call.function.arguments) == {"city": "stub"}  # type: ignore[union-attr]
+    call: Any = (result.choices[0].message.tool_calls or [])[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "stub"}
 
 
 # -- scripts -----------------------------------------------------------------------------------
@@ -282,8 +289,12 @@ def test_script_reply_with_groups(serve: Callable[..., StubServer], tmp_path: Pa
     client = client_for(server)
 
     def ask(text: str) -> str | None:
-        messages = [{"role": "user", "content": text}]
-        return client.chat.completions.create(model="stub", messages=messages).choices[0].message.content  # type: ignore[arg-type]
+        messages: list[Any] = [{"role": "user", "content": text}]
+        return (
+            client.chat.completions.create(model="stub", messages=messages)
+            .choices[0]
+            .message.content
+        )
 
     assert ask("SAY Bonjour") == "Bonjour"  # case-insensitive
     assert ask("capital of France?") == 'I do not know the capital of France. {"literal": true}'
@@ -296,22 +307,22 @@ def test_script_tool_call_round_trip(serve: Callable[..., StubServer], tmp_path:
     server = serve(script=write_script(tmp_path, SCRIPT))
     client = client_for(server)
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(model="stub", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    first = client.chat.completions.create(model="stub", messages=messages, tools=[WEATHER_TOOL])
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
     [call] = choice.message.tool_calls or []
     assert call.id.startswith("call_")
     assert call.type == "function"
-    assert call.function.name == "get_weather"  # type: ignore[union-attr]
-    arguments = call.function.arguments  # type: ignore[union-attr]
+    assert call.function.name == "get_weather"
+    arguments = call.function.arguments
     assert json.loads(arguments) == {"city": "Paris", "raw": ["weather in Paris"]}
     assert first.usage is not None
     assert first.usage.completion_tokens == len(arguments.split())
 
     messages.append(choice.message.model_dump(exclude_none=True))
     messages.append({"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"})
-    second = client.chat.completions.create(model="stub", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    second = client.chat.completions.create(model="stub", messages=messages, tools=[WEATHER_TOOL])
     assert second.choices[0].message.content == "The tool said: 18 C and sunny"
     assert second.choices[0].finish_reason == "stop"
 
@@ -321,7 +332,7 @@ def test_script_tool_call_streamed(serve: Callable[..., StubServer], tmp_path: P
     stream = client_for(server).chat.completions.create(
         model="stub",
         messages=[{"role": "user", "content": "weather in Oslo"}],
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -634,11 +645,12 @@ def test_stop_releases_held_requests_and_threads(serve: Callable[..., StubServer
 
 
 def test_context_manager_and_thread_cleanup() -> None:
-    with StubServer() as server:
-        with httpx.Client() as http:  # keep-alive connection left open at stop()
+    with httpx.Client() as http:
+        with StubServer() as server:
             assert http.get(f"{server.root_url}/health").status_code == 200
             assert stub_threads()
-    assert stub_threads() == []
+        # The client's keep-alive connection is still open: stop() must not wait on it.
+        assert stub_threads() == []
     assert server.state == "stopped"
 
 
