@@ -32,18 +32,28 @@ def make_suite(root: Path) -> None:
 
 def run(root: Path, *extra: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                    *extra], cwd=root, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *extra],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - started
 
 
 def import_time() -> float:
-    code = ("import time; t=time.perf_counter(); import pytest_modal_vllm.plugin; "
-            "print(time.perf_counter()-t)")
+    code = (
+        "import time; t=time.perf_counter(); import pytest_modal_vllm.plugin; "
+        "print(time.perf_counter()-t)"
+    )
     samples = []
     for _ in range(ROUNDS):
-        out = subprocess.run([sys.executable, "-c", "import pytest; " + code], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", "import pytest; " + code],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         samples.append(float(out))
     return statistics.median(samples)
 

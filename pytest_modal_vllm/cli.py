@@ -35,10 +35,14 @@ def _project_root(start: Path) -> Path:
 def _settings(args: argparse.Namespace, **cli: object) -> settings_module.Settings:
     root = _project_root(Path.cwd())
     given = {"config": args.config, "env_file": args.env_file, **cli}
-    env_file = given["env_file"] if given["env_file"] is not None else os.environ.get(
-        "MODAL_VLLM_ENV_FILE")
+    env_file = (
+        given["env_file"]
+        if given["env_file"] is not None
+        else os.environ.get("MODAL_VLLM_ENV_FILE")
+    )
     file_values = settings_module.read_env_file(
-        settings_module.env_file_path(env_file if isinstance(env_file, str) else None, root))
+        settings_module.env_file_path(env_file if isinstance(env_file, str) else None, root)
+    )
     settings_module.apply_env_file(file_values)
     return settings_module.resolve(given, {}, os.environ, rootdir=root)
 
@@ -114,8 +118,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session.start(on_progress=progress)
         progress.finish()
         endpoint = session.endpoints[platform.name]
-        print(f"{platform.name} serving at {endpoint.base_url} model={endpoint.model} "
-              "(Ctrl-C to stop)", flush=True)
+        print(
+            f"{platform.name} serving at {endpoint.base_url} model={endpoint.model} "
+            "(Ctrl-C to stop)",
+            flush=True,
+        )
         while True:
             failure = session.runs[0].provider.failure() if session.runs[0].provider else None
             if failure:
@@ -190,8 +197,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _modal_platform(args: argparse.Namespace, settings: settings_module.Settings,
-                    verb: str) -> Platform:
+def _modal_platform(
+    args: argparse.Namespace, settings: settings_module.Settings, verb: str
+) -> Platform:
     platform = _platform(args, settings)
     if platform.kind != "modal":
         raise ConfigError(
@@ -210,18 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modal-vllm", description="Manage the LLM platforms of pytest-modal-vllm."
     )
-    parser.add_argument("--config", default=None, metavar="PATH",
-                        help="extra platform TOML file (env MODAL_VLLM_CONFIG)")
-    parser.add_argument("--env-file", default=None, metavar="PATH",
-                        help="dotenv file to load (default .env; empty string: none)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help="extra platform TOML file (env MODAL_VLLM_CONFIG)",
+    )
+    parser.add_argument(
+        "--env-file",
+        default=None,
+        metavar="PATH",
+        help="dotenv file to load (default .env; empty string: none)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("platforms", help="list known platforms")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=cmd_platforms)
     wake = commands.add_parser("wake", help="wake a platform and wait until it is ready")
     wake.add_argument("name")
-    wake.add_argument("--timeout", type=settings_module.positive_seconds, default=None,
-                      metavar="SECONDS", help="wake timeout (default: the platform's)")
+    wake.add_argument(
+        "--timeout",
+        type=settings_module.positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wake timeout (default: the platform's)",
+    )
     wake.set_defaults(run=cmd_wake)
     for name, helptext, run in (
         ("status", "deployed or not, URL, answers /health now; wakes nothing", cmd_status),

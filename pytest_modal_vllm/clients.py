@@ -82,7 +82,7 @@ class Guard:
         Returns True when it is (or another request just saw it come back), False when it
         stayed dead: then `dead` says why and later requests fail at once.
         """
-        from .wake import WakeRequest, Waker
+        from .wake import Waker, WakeRequest
 
         asked = time.monotonic()
         with self._lock:
@@ -204,27 +204,34 @@ def _stream_types(lib: ModuleType) -> tuple[type, type]:
 class PlatformTransport:
     """Wraps the HTTP library's transport: metering, re-wake on a cold endpoint, fail fast."""
 
-    def __init__(self, inner: Any, endpoint: Endpoint, meter: UsageMeter, guard: Guard,
-                 lib: ModuleType) -> None:
+    def __init__(
+        self, inner: Any, endpoint: Endpoint, meter: UsageMeter, guard: Guard, lib: ModuleType
+    ) -> None:
         self.inner, self.endpoint, self.meter, self.guard, self.lib = (
-            inner, endpoint, meter, guard, lib)
+            inner,
+            endpoint,
+            meter,
+            guard,
+            lib,
+        )
 
     def _strip_placeholder_key(self, request: Any) -> None:
         if request.headers.get("authorization") == f"Bearer {NO_KEY}":
             del request.headers["authorization"]
 
     def _fail(self, started: float, error: BaseException) -> BaseException:
-        self.meter.record(self.endpoint.platform, latency_ms=(time.perf_counter() - started) * 1000,
-                          error=True)
+        self.meter.record(
+            self.endpoint.platform, latency_ms=(time.perf_counter() - started) * 1000, error=True
+        )
         if isinstance(error, PlatformDown):
-            return self.lib.ConnectError(
-                f"LLM platform {self.endpoint.platform!r} is down: {error}"
-            )
+            connect_error: type[BaseException] = self.lib.ConnectError
+            return connect_error(f"LLM platform {self.endpoint.platform!r} is down: {error}")
         return error
 
     def _wrap(self, response: Any, started: float, stream_type: type) -> Any:
-        recorder = _Recorder(self.meter, self.endpoint.platform, started,
-                             error=response.status_code >= 400)
+        recorder = _Recorder(
+            self.meter, self.endpoint.platform, started, error=response.status_code >= 400
+        )
         response.stream = stream_type(response.stream, recorder)
         return response
 
@@ -237,14 +244,20 @@ class PlatformTransport:
                 self.guard.check()
                 response = self.inner.handle_request(request)
             except (self.lib.ConnectError, PlatformDown) as error:
-                if attempt < MAX_REWAKES_PER_REQUEST and not isinstance(error, PlatformDown) \
-                        and self.guard.rewake():
+                if (
+                    attempt < MAX_REWAKES_PER_REQUEST
+                    and not isinstance(error, PlatformDown)
+                    and self.guard.rewake()
+                ):
                     continue
                 raise self._fail(started, error) from error
             except Exception as error:
                 raise self._fail(started, error) from error
-            if (response.status_code in REWAKE_STATUSES and attempt < MAX_REWAKES_PER_REQUEST
-                    and self._cold_answer(response)):
+            if (
+                response.status_code in REWAKE_STATUSES
+                and attempt < MAX_REWAKES_PER_REQUEST
+                and self._cold_answer(response)
+            ):
                 response.close()
                 if self.guard.rewake():
                     continue
@@ -256,8 +269,9 @@ class PlatformTransport:
         import httpx
 
         try:
-            health = httpx.get(f"{self.endpoint.root_url}/health", headers=dict(self.endpoint.headers),
-                               timeout=5.0)
+            health = httpx.get(
+                f"{self.endpoint.root_url}/health", headers=dict(self.endpoint.headers), timeout=5.0
+            )
         except httpx.HTTPError:
             return True
         return health.status_code != 200
@@ -281,14 +295,20 @@ class AsyncPlatformTransport(PlatformTransport):
                 self.guard.check()
                 response = await self.inner.handle_async_request(request)
             except (self.lib.ConnectError, PlatformDown) as error:
-                if attempt < MAX_REWAKES_PER_REQUEST and not isinstance(error, PlatformDown) \
-                        and await asyncio.to_thread(self.guard.rewake):
+                if (
+                    attempt < MAX_REWAKES_PER_REQUEST
+                    and not isinstance(error, PlatformDown)
+                    and await asyncio.to_thread(self.guard.rewake)
+                ):
                     continue
                 raise self._fail(started, error) from error
             except Exception as error:
                 raise self._fail(started, error) from error
-            if (response.status_code in REWAKE_STATUSES and attempt < MAX_REWAKES_PER_REQUEST
-                    and await asyncio.to_thread(self._cold_answer, response)):
+            if (
+                response.status_code in REWAKE_STATUSES
+                and attempt < MAX_REWAKES_PER_REQUEST
+                and await asyncio.to_thread(self._cold_answer, response)
+            ):
                 await response.aclose()
                 if await asyncio.to_thread(self.guard.rewake):
                     continue
@@ -319,8 +339,9 @@ class ClientFactory:
         import openai
 
         lib = http_module()
-        transport = PlatformTransport(lib.HTTPTransport(), self.endpoint, self.meter, self.guard,
-                                      lib)
+        transport: Any = PlatformTransport(
+            lib.HTTPTransport(), self.endpoint, self.meter, self.guard, lib
+        )
         client = openai.DefaultHttpxClient(
             transport=transport, headers=dict(self.endpoint.headers), timeout=self.timeout
         )
@@ -332,8 +353,9 @@ class ClientFactory:
         import openai
 
         lib = http_module()
-        transport = AsyncPlatformTransport(lib.AsyncHTTPTransport(), self.endpoint, self.meter,
-                                           self.guard, lib)
+        transport: Any = AsyncPlatformTransport(
+            lib.AsyncHTTPTransport(), self.endpoint, self.meter, self.guard, lib
+        )
         return openai.DefaultAsyncHttpxClient(
             transport=transport, headers=dict(self.endpoint.headers), timeout=self.timeout
         )
@@ -347,13 +369,13 @@ class ClientFactory:
             "max_retries": int(options.get("max_retries", 3)),
         }
 
-    def openai(self) -> openai.OpenAI:
+    def openai_client(self) -> openai.OpenAI:
         """An `openai.OpenAI` bound to the endpoint."""
         import openai
 
         return openai.OpenAI(http_client=self.http_client(), **self._openai_kwargs())
 
-    def async_openai(self) -> openai.AsyncOpenAI:
+    def async_openai_client(self) -> openai.AsyncOpenAI:
         """An `openai.AsyncOpenAI` bound to the endpoint (fresh, for the caller's event loop)."""
         import openai
 

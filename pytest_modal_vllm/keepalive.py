@@ -26,8 +26,13 @@ class KeepAlive(Protocol):
 class PingKeepAlive:
     """Pings `<root>/health` every `interval` seconds in a daemon thread until stopped."""
 
-    def __init__(self, platform: str, root_url: str, interval: float,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        platform: str,
+        root_url: str,
+        interval: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.platform = platform
         self.url = f"{root_url}/health"
         self.interval = interval

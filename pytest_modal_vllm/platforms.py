@@ -85,7 +85,9 @@ class Platform:
     @property
     def effective_wake_timeout(self) -> float:
         """`wake_timeout`, or the kind's default."""
-        return self.wake_timeout if self.wake_timeout is not None else DEFAULT_WAKE_TIMEOUT[self.kind]
+        return (
+            self.wake_timeout if self.wake_timeout is not None else DEFAULT_WAKE_TIMEOUT[self.kind]
+        )
 
     @property
     def effective_keep_alive(self) -> str:
@@ -367,7 +369,7 @@ BUNDLED_QWEN = "Qwen/Qwen3-8B-FP8"
 def builtin_platforms() -> dict[str, Platform]:
     """The platforms every installation knows."""
     # Imported here: the launcher module is only needed when `local` is looked at.
-    from .local_model import preflight_local, local_command
+    from .local_model import local_command, preflight_local
 
     full = ("streaming", "tools", "json_schema")
     return {
@@ -415,14 +417,17 @@ def builtin_platforms() -> dict[str, Platform]:
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            data: dict[str, Any] = tomllib.load(handle)
+            return data
     except FileNotFoundError:
         raise ConfigError(
             f"{what} {str(path)!r} does not exist",
             "check the path given to --vllm-config / vllm_config / MODAL_VLLM_CONFIG",
         ) from None
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}", "fix the syntax") from None
+        raise ConfigError(
+            f"{what} {str(path)!r} is not valid TOML: {error}", "fix the syntax"
+        ) from None
 
 
 def _tables(data: Any, source: str, prefix: str, base_dir: Path) -> dict[str, Platform]:

@@ -147,18 +147,31 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return []
     from .reporting import header_line, settings_line
 
-    lines = [header_line(runtime.endpoints[name]) for name in runtime.selected
-             if name in runtime.endpoints]
-    lines += [f"vllm: {name} unavailable, its tests are skipped"
-              for name in runtime.selected if name in runtime.unavailable]
+    lines = [
+        header_line(runtime.endpoints[name])
+        for name in runtime.selected
+        if name in runtime.endpoints
+    ]
+    lines += [
+        f"vllm: {name} unavailable, its tests are skipped"
+        for name in runtime.selected
+        if name in runtime.unavailable
+    ]
     if runtime.session is not None:
         for run in runtime.session.runs:
-            lines.append(settings_line(run.name, {
-                "wake_timeout": (run.wake_timeout, run.wake_timeout_source),
-                "keep_alive": (run.keep_alive, run.keep_alive_source),
-                "unavailable": (runtime.settings["unavailable"],
-                                runtime.settings.sources["unavailable"]),
-            }))
+            lines.append(
+                settings_line(
+                    run.name,
+                    {
+                        "wake_timeout": (run.wake_timeout, run.wake_timeout_source),
+                        "keep_alive": (run.keep_alive, run.keep_alive_source),
+                        "unavailable": (
+                            runtime.settings["unavailable"],
+                            runtime.settings.sources["unavailable"],
+                        ),
+                    },
+                )
+            )
     return lines
 
 
@@ -180,8 +193,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """With several platforms selected, run each LLM test once per platform."""
     runtime = _runtime(metafunc.config)
     if len(runtime.selected) > 1 and "vllm_platform" in metafunc.fixturenames:
-        metafunc.parametrize("vllm_platform", runtime.selected, indirect=True, scope="session",
-                             ids=runtime.selected)
+        metafunc.parametrize(
+            "vllm_platform", runtime.selected, indirect=True, scope="session", ids=runtime.selected
+        )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -244,8 +258,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Fail at once, with the cause, a test whose platform stayed dead through a re-wake."""
     runtime = _runtime(item.config)
     if not runtime.factories or not set(getattr(item, "fixturenames", ())) & {
-        "vllm_endpoint", "openai_client", "async_openai_client", "chat_model",
-        "chat_model_factory"}:
+        "vllm_endpoint",
+        "openai_client",
+        "async_openai_client",
+        "chat_model",
+        "chat_model_factory",
+    }:
         return
     callspec = getattr(item, "callspec", None)
     name = callspec.params.get("vllm_platform") if callspec is not None else None
@@ -286,8 +304,7 @@ def vllm_endpoint(vllm_platform: str, request: pytest.FixtureRequest) -> Endpoin
     if vllm_platform in runtime.unavailable:
         pytest.skip(runtime.unavailable[vllm_platform])
     if vllm_platform not in runtime.endpoints:
-        pytest.skip(f"LLM platform {vllm_platform!r} was not started in this run "
-                    "(--collect-only?)")
+        pytest.skip(f"LLM platform {vllm_platform!r} was not started in this run (--collect-only?)")
     return runtime.endpoints[vllm_platform]
 
 
@@ -297,7 +314,7 @@ def openai_client(vllm_endpoint: Endpoint, request: pytest.FixtureRequest) -> op
 
     Requests are metered for the `vllm usage` report and wait through a mid-session cold start.
     """
-    return _runtime(request.config).factory(vllm_endpoint.platform).openai()
+    return _runtime(request.config).factory(vllm_endpoint.platform).openai_client()
 
 
 @pytest.fixture
@@ -311,11 +328,13 @@ def async_openai_client(
     """
     # Not closed at teardown: the test's event loop may already be gone; its connections
     # belong to that loop and go with it.
-    return _runtime(request.config).factory(vllm_endpoint.platform).async_openai()
+    return _runtime(request.config).factory(vllm_endpoint.platform).async_openai_client()
 
 
 @pytest.fixture
-def chat_model(vllm_endpoint: Endpoint, chat_model_factory: Callable[..., ChatOpenAI]) -> ChatOpenAI:
+def chat_model(
+    vllm_endpoint: Endpoint, chat_model_factory: Callable[..., ChatOpenAI]
+) -> ChatOpenAI:
     """A LangChain `ChatOpenAI` bound to the woken endpoint (one per test).
 
     `temperature=0`, `stream_usage=True` and the platform's client defaults; use

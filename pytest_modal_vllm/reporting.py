@@ -18,8 +18,11 @@ PLAIN_PROGRESS_EVERY = 10.0
 class WakeProgress:
     """Renders wake progress: one line rewritten in place on a terminal, plain lines otherwise."""
 
-    def __init__(self, write_line: Callable[[str], None], rewrite: Callable[[str], None] | None,
-                 ) -> None:
+    def __init__(
+        self,
+        write_line: Callable[[str], None],
+        rewrite: Callable[[str], None] | None,
+    ) -> None:
         self.write_line = write_line
         self.rewrite = rewrite
         self._seen: dict[str, str] = {}
@@ -51,8 +54,10 @@ class WakeProgress:
 def header_line(endpoint: Endpoint) -> str:
     """`vllm: NAME -> BASE_URL model=MODEL woke in 12.3s (cold)`."""
     state = "cold" if endpoint.cold else "warm"
-    return (f"vllm: {endpoint.platform} -> {endpoint.base_url} model={endpoint.model} "
-            f"woke in {endpoint.wake_seconds:.1f}s ({state})")
+    return (
+        f"vllm: {endpoint.platform} -> {endpoint.base_url} model={endpoint.model} "
+        f"woke in {endpoint.wake_seconds:.1f}s ({state})"
+    )
 
 
 def settings_line(name: str, values: Mapping[str, tuple[Any, str]]) -> str:

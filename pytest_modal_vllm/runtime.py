@@ -22,8 +22,14 @@ if TYPE_CHECKING:
     from .session import EndpointSession
 
 LLM_FIXTURES = frozenset(
-    {"vllm_platform", "vllm_endpoint", "openai_client", "async_openai_client", "chat_model",
-     "chat_model_factory"}
+    {
+        "vllm_platform",
+        "vllm_endpoint",
+        "openai_client",
+        "async_openai_client",
+        "chat_model",
+        "chat_model_factory",
+    }
 )
 WORKERINPUT_KEY = "modal_vllm"
 WORKEROUTPUT_KEY = "modal_vllm_usage"
@@ -68,8 +74,10 @@ class Runtime:
 
     def no_platform_reason(self) -> str:
         """The documented skip reason when no platform is selected."""
-        return (f"no LLM platform selected: pass --vllm-platform=NAME "
-                f"(known: {', '.join(self.known_names())})")
+        return (
+            f"no LLM platform selected: pass --vllm-platform=NAME "
+            f"(known: {', '.join(self.known_names())})"
+        )
 
     def factory(self, name: str) -> ClientFactory:
         """The client factory of a woken platform (one per platform and process)."""
@@ -108,8 +116,10 @@ class Runtime:
             have = self.capabilities.get(name, ())
             missing = [cap for cap in requires.args if cap not in have]
             if missing:
-                return (f"platform {name!r} lacks capability {', '.join(missing)} "
-                        f"(it has: {', '.join(have) or 'none'})")
+                return (
+                    f"platform {name!r} lacks capability {', '.join(missing)} "
+                    f"(it has: {', '.join(have) or 'none'})"
+                )
         if name in self.unavailable:
             return self.unavailable[name]
         return None
@@ -138,9 +148,15 @@ class Runtime:
         for name in self.selected:
             endpoint = self.endpoints.get(name)
             if endpoint is not None:
-                rows.append({"name": name, "base_url": endpoint.base_url,
-                             "model": endpoint.model, "wake_seconds": endpoint.wake_seconds,
-                             "cold": endpoint.cold})
+                rows.append(
+                    {
+                        "name": name,
+                        "base_url": endpoint.base_url,
+                        "model": endpoint.model,
+                        "wake_seconds": endpoint.wake_seconds,
+                        "cold": endpoint.cold,
+                    }
+                )
             else:
                 rows.append({"name": name, "error": self.unavailable.get(name, "not started")})
         return rows

@@ -138,7 +138,8 @@ class EndpointSession:
         return expand(run.name, "model", model) or None if model else None
 
     def _wake_request(self, run: PlatformRun, timeout: float | None = None) -> WakeRequest:
-        assert run.target is not None and run.provider is not None
+        assert run.target is not None
+        assert run.provider is not None
         return WakeRequest(
             platform=run.name,
             base_url=run.target.base_url,

@@ -158,7 +158,9 @@ def add_options(parser: pytest.Parser) -> None:
     for option in OPTIONS:
         dest = f"vllm_{option.dest}"
         if option.is_flag:
-            group.addoption(option.flag, action="store_true", default=False, dest=dest, help=option.help)
+            group.addoption(
+                option.flag, action="store_true", default=False, dest=dest, help=option.help
+            )
         else:
             group.addoption(
                 option.flag,
@@ -232,7 +234,9 @@ def _from_text(option: Option, text: str, where: str) -> Any:
         try:
             return option.parse(text)
         except argparse.ArgumentTypeError as error:
-            raise ConfigError(f"{where}: {error}", "set it to a positive number, e.g. 600") from None
+            raise ConfigError(
+                f"{where}: {error}", "set it to a positive number, e.g. 600"
+            ) from None
     return text
 
 
@@ -253,8 +257,9 @@ def resolve(
     for option in OPTIONS:
         given = cli.get(option.dest)
         if option.is_flag:
-            values[option.dest], sources[option.dest] = bool(given), (
-                "command line" if given else "default"
+            values[option.dest], sources[option.dest] = (
+                bool(given),
+                ("command line" if given else "default"),
             )
             continue
         if given is not None:

@@ -103,13 +103,17 @@ def report_rows(
         name = str(info["name"])
         counts = usage.get(name, PlatformUsage().to_dict())
         latencies = counts["latencies_ms"]
-        p50, p95, top = (percentile(latencies, 50), percentile(latencies, 95),
-                         max(latencies, default=None))
+        p50, p95, top = (
+            percentile(latencies, 50),
+            percentile(latencies, 95),
+            max(latencies, default=None),
+        )
         row: dict[str, Any] = {
             "name": name,
             "base_url": info.get("base_url"),
             "model": info.get("model"),
-            "wake_seconds": None if info.get("wake_seconds") is None
+            "wake_seconds": None
+            if info.get("wake_seconds") is None
             else round(float(info["wake_seconds"]), 3),
             "cold": info.get("cold"),
             "requests": counts["requests"],
@@ -141,8 +145,18 @@ def write_json(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     return target
 
 
-_COLUMNS = ("platform", "requests", "errors", "prompt tok", "compl tok", "p50 ms", "p95 ms",
-            "max ms", "wake s", "pings")
+_COLUMNS = (
+    "platform",
+    "requests",
+    "errors",
+    "prompt tok",
+    "compl tok",
+    "p50 ms",
+    "p95 ms",
+    "max ms",
+    "wake s",
+    "pings",
+)
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
@@ -173,15 +187,21 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     table = [list(_COLUMNS)] + [_cells(row) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
     return [
-        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-                  for i, cell in enumerate(line))
+        "  ".join(
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+            for i, cell in enumerate(line)
+        )
         for line in table
     ]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The usage table as GitHub-flavoured Markdown, with a heading."""
-    lines = ["### vllm usage", "", "| " + " | ".join(_COLUMNS) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|"]
+    lines = [
+        "### vllm usage",
+        "",
+        "| " + " | ".join(_COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|",
+    ]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -118,8 +118,13 @@ class WakeState:
         return f"{self.platform} {elapsed:.1f}s/{self.timeout:.0f}s {status}"
 
 
-def classify(phase: str, status: int | None, body: str = "", error: BaseException | None = None,
-             location: str | None = None) -> Outcome:
+def classify(
+    phase: str,
+    status: int | None,
+    body: str = "",
+    error: BaseException | None = None,
+    location: str | None = None,
+) -> Outcome:
     """Classify one probe: `phase` is "health" or "models"; `status` None means no answer."""
     if error is not None:
         return _classify_error(error)
@@ -195,7 +200,7 @@ def _classify_error(error: BaseException) -> Outcome:
             )
     for item in chain:
         code = getattr(item, "errno", None)
-        if isinstance(item, OSError) and code in (-2, -5) or "Name or service not known" in text:
+        if (isinstance(item, OSError) and code in (-2, -5)) or "Name or service not known" in text:
             return Outcome(
                 Verdict.UNREACHABLE,
                 "DNS lookup failed",
@@ -205,11 +210,14 @@ def _classify_error(error: BaseException) -> Outcome:
     name = type(error).__name__
     if "Timeout" in name:
         return Outcome(Verdict.NOT_READY, "connect timed out" if "Connect" in name else "timed out")
-    refused = any(
-        isinstance(item, ConnectionRefusedError)
-        or getattr(item, "errno", None) == errno.ECONNREFUSED
-        for item in chain
-    ) or "Connection refused" in text
+    refused = (
+        any(
+            isinstance(item, ConnectionRefusedError)
+            or getattr(item, "errno", None) == errno.ECONNREFUSED
+            for item in chain
+        )
+        or "Connection refused" in text
+    )
     if refused:
         return Outcome(Verdict.NOT_READY, "connection refused")
     return Outcome(Verdict.NOT_READY, f"{name}: {_short(text)}")
@@ -292,9 +300,7 @@ class Waker:
             if outcome.verdict is Verdict.CONFIG:
                 raise self._config_error(phase, status, outcome)
             if outcome.verdict is Verdict.UNREACHABLE:
-                raise UnavailableError(
-                    f"{outcome.problem} at {self.request.root_url}", outcome.fix
-                )
+                raise UnavailableError(f"{outcome.problem} at {self.request.root_url}", outcome.fix)
             if outcome.verdict is Verdict.REDIRECT and outcome.location:
                 target = urljoin(target, outcome.location)
                 pause = 0.0
@@ -325,7 +331,9 @@ class Waker:
     def _config_error(self, phase: str, status: int | None, outcome: Outcome) -> ConfigError:
         request = self.request
         if status in (401, 403) and not outcome.problem.startswith("the endpoint answered"):
-            where = f"{request.base_url}/models" if phase == "models" else f"{request.root_url}/health"
+            where = (
+                f"{request.base_url}/models" if phase == "models" else f"{request.root_url}/health"
+            )
             if request.api_key:
                 return ConfigError(
                     f"{where} answered {status}: the key in {request.api_key_env} was rejected",
@@ -394,13 +402,15 @@ def wake_all(
             results[waker.request.platform] = error
         except Exception as error:  # a bug must not hang the session: report it as a failure
             results[waker.request.platform] = UnavailableError(
-                f"the wake failed unexpectedly: {type(error).__name__}: {error}", "",
+                f"the wake failed unexpectedly: {type(error).__name__}: {error}",
+                "",
                 platform=waker.request.platform,
             )
 
     threads = [
-        threading.Thread(target=run, args=(waker,), name=f"vllm-wake-{waker.request.platform}",
-                         daemon=True)
+        threading.Thread(
+            target=run, args=(waker,), name=f"vllm-wake-{waker.request.platform}", daemon=True
+        )
         for waker in wakers
     ]
     for thread in threads:
@@ -422,7 +432,9 @@ def wake_all(
     for waker in wakers:  # wakes cancelled by another platform's failure
         name = waker.request.platform
         results.setdefault(
-            name, UnavailableError("the wake was cancelled after another platform failed", "",
-                                   platform=name)
+            name,
+            UnavailableError(
+                "the wake was cancelled after another platform failed", "", platform=name
+            ),
         )
     return results

@@ -27,8 +27,12 @@ SECRETS = (API_KEY, PROXY_KEY, PROXY_SECRET)
 def _clean_plugin_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs under test must not see the developer's platform choice or keys."""
     for name in list(os.environ):
-        if name.startswith("MODAL_VLLM_") or name in ("VLLM_API_KEY", "VLLM_API_URL",
-                                                      "VLLM_MODEL", "GITHUB_STEP_SUMMARY"):
+        if name.startswith("MODAL_VLLM_") or name in (
+            "VLLM_API_KEY",
+            "VLLM_API_URL",
+            "VLLM_MODEL",
+            "GITHUB_STEP_SUMMARY",
+        ):
             monkeypatch.delenv(name, raising=False)
     # Never let a test reach Modal's cloud with real or fake credentials.
     monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
@@ -86,7 +90,7 @@ def write_platforms(pytester: pytest.Pytester) -> Callable[..., None]:
     return write
 
 
-LLM_TEST = '''
+LLM_TEST = """
 def test_openai(openai_client, vllm_endpoint):
     answer = openai_client.chat.completions.create(
         model=vllm_endpoint.model, messages=[{"role": "user", "content": "ping"}]
@@ -95,7 +99,7 @@ def test_openai(openai_client, vllm_endpoint):
 
 def test_chat_model(chat_model):
     assert chat_model.invoke("hello").content
-'''
+"""
 
 
 @pytest.fixture

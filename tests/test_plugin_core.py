@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import API_KEY, assert_no_secrets
 
 
 def test_stub_platform_runs_openai_and_chat_model_tests(llm_suite: pytest.Pytester) -> None:
     result = llm_suite.runpytest("--vllm-platform=stub", "-p", "no:asyncio")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines([
-        "vllm: stub -> http://127.0.0.1:*/v1 model=stub woke in *s (warm)",
-        "*= vllm usage =*",
-        "stub *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "vllm: stub -> http://127.0.0.1:*/v1 model=stub woke in *s (warm)",
+            "*= vllm usage =*",
+            "stub *",
+        ]
+    )
 
 
 def test_url_platform_woken_after_refusing_start(llm_suite, endpoint_server, write_platforms):
@@ -44,10 +45,12 @@ def test_no_platform_skips_llm_tests_with_the_documented_reason(llm_suite: pytes
     llm_suite.makepyfile(test_plain="def test_plain():\n    assert True\n")
     result = llm_suite.runpytest("-rs", "-p", "no:asyncio")
     result.assert_outcomes(passed=1, skipped=2)
-    result.stdout.fnmatch_lines([
-        "*no LLM platform selected: pass --vllm-platform=NAME (known: env, local, modal-llama, "
-        "modal-qwen, stub)*"
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*no LLM platform selected: pass --vllm-platform=NAME (known: env, local, modal-llama, "
+            "modal-qwen, stub)*"
+        ]
+    )
 
 
 def test_several_platforms_parametrize_with_ids_and_summary_rows(
@@ -57,12 +60,14 @@ def test_several_platforms_parametrize_with_ids_and_summary_rows(
     write_platforms({"other": {"kind": "url", "base_url": server.base_url}})
     result = llm_suite.runpytest("--vllm-platform=stub,other", "-v", "-p", "no:asyncio")
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines_random([
-        "*test_openai?stub? PASSED*",
-        "*test_openai?other? PASSED*",
-        "*test_chat_model?stub? PASSED*",
-        "*test_chat_model?other? PASSED*",
-    ])
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_openai?stub? PASSED*",
+            "*test_openai?other? PASSED*",
+            "*test_chat_model?stub? PASSED*",
+            "*test_chat_model?other? PASSED*",
+        ]
+    )
     rows = [line.split() for line in result.outlines]
     assert any(r[:3] == ["stub", "2", "0"] for r in rows)
     assert any(r[:3] == ["other", "2", "0"] for r in rows)
@@ -70,8 +75,9 @@ def test_several_platforms_parametrize_with_ids_and_summary_rows(
 
 def test_markers_select_platforms_and_capabilities(pytester, endpoint_server, write_platforms):
     server = endpoint_server()
-    write_platforms({"plain": {"kind": "url", "base_url": server.base_url,
-                               "capabilities": ["streaming"]}})
+    write_platforms(
+        {"plain": {"kind": "url", "base_url": server.base_url, "capabilities": ["streaming"]}}
+    )
     pytester.makepyfile(
         """
         import pytest
@@ -87,14 +93,17 @@ def test_markers_select_platforms_and_capabilities(pytester, endpoint_server, wr
     )
     result = pytester.runpytest("--vllm-platform=stub,plain", "-rs", "-p", "no:asyncio")
     result.assert_outcomes(passed=2, skipped=2)
-    result.stdout.fnmatch_lines_random([
-        "*platform 'plain' lacks capability tools (it has: streaming)*",
-        "*runs only on stub (this run: plain)*",
-    ])
+    result.stdout.fnmatch_lines_random(
+        [
+            "*platform 'plain' lacks capability tools (it has: streaming)*",
+            "*runs only on stub (this run: plain)*",
+        ]
+    )
 
 
-def test_never_ready_endpoint_exits_75_within_the_timeout(llm_suite, endpoint_server,
-                                                          write_platforms):
+def test_never_ready_endpoint_exits_75_within_the_timeout(
+    llm_suite, endpoint_server, write_platforms
+):
     server = endpoint_server(cold_start=3600, cold_style="503")
     write_platforms({"dead": {"kind": "url", "base_url": server.base_url, "wake_timeout": 1.5}})
     result = llm_suite.runpytest_subprocess("--vllm-platform=dead")
@@ -110,14 +119,16 @@ def test_never_ready_endpoint_exits_75_within_the_timeout(llm_suite, endpoint_se
 def test_unavailable_skip_skips_only_that_platform(llm_suite, endpoint_server, write_platforms):
     server = endpoint_server(cold_start=3600, cold_style="503")
     write_platforms({"dead": {"kind": "url", "base_url": server.base_url, "wake_timeout": 1}})
-    result = llm_suite.runpytest("--vllm-platform=stub,dead", "--vllm-unavailable=skip", "-rs",
-                                 "-p", "no:asyncio")
+    result = llm_suite.runpytest(
+        "--vllm-platform=stub,dead", "--vllm-unavailable=skip", "-rs", "-p", "no:asyncio"
+    )
     result.assert_outcomes(passed=2, skipped=2)
     result.stdout.fnmatch_lines(["*vllm platform 'dead'*did not become ready*"])
 
 
-def test_wrong_key_is_a_configuration_error(llm_suite, endpoint_server, write_platforms,
-                                            monkeypatch):
+def test_wrong_key_is_a_configuration_error(
+    llm_suite, endpoint_server, write_platforms, monkeypatch
+):
     server = endpoint_server(api_key=API_KEY)
     write_platforms({"keyed": {"kind": "url", "base_url": server.base_url}})
     monkeypatch.setenv("VLLM_API_KEY", "sk-wrong-key")
@@ -128,57 +139,77 @@ def test_wrong_key_is_a_configuration_error(llm_suite, endpoint_server, write_pl
 
 def test_missing_key_names_the_variable(llm_suite, endpoint_server, write_platforms):
     server = endpoint_server(api_key=API_KEY)
-    write_platforms({"keyed": {"kind": "url", "base_url": server.base_url,
-                               "api_key_env": "MY_LLM_KEY"}})
+    write_platforms(
+        {"keyed": {"kind": "url", "base_url": server.base_url, "api_key_env": "MY_LLM_KEY"}}
+    )
     result = llm_suite.runpytest_subprocess("--vllm-platform=keyed")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*MY_LLM_KEY is not set*export MY_LLM_KEY=*"])
 
 
-def test_right_key_works_and_never_leaks(llm_suite, endpoint_server, write_platforms,
-                                         monkeypatch, tmp_path):
+def test_right_key_works_and_never_leaks(
+    llm_suite, endpoint_server, write_platforms, monkeypatch, tmp_path
+):
     server = endpoint_server(api_key=API_KEY)
     write_platforms({"keyed": {"kind": "url", "base_url": server.base_url}})
     monkeypatch.setenv("VLLM_API_KEY", API_KEY)
-    llm_suite.makepyfile(test_show="""
+    llm_suite.makepyfile(
+        test_show="""
         def test_show(vllm_endpoint, openai_client, chat_model):
             print(repr(vllm_endpoint), repr(chat_model))
             assert vllm_endpoint.api_key
             assert False, repr(vllm_endpoint)
-    """)
+    """
+    )
     report = tmp_path / "report.json"
     result = llm_suite.runpytest_subprocess(
-        "--vllm-platform=keyed", "-vv", "-rA", "-l", f"--vllm-report={report}",
-        f"--junitxml={tmp_path / 'junit.xml'}")
+        "--vllm-platform=keyed",
+        "-vv",
+        "-rA",
+        "-l",
+        f"--vllm-report={report}",
+        f"--junitxml={tmp_path / 'junit.xml'}",
+    )
     result.assert_outcomes(passed=2, failed=1)
-    assert_no_secrets(result.stdout.str(), result.stderr.str(), report.read_text(),
-                      (tmp_path / "junit.xml").read_text())
+    assert_no_secrets(
+        result.stdout.str(),
+        result.stderr.str(),
+        report.read_text(),
+        (tmp_path / "junit.xml").read_text(),
+    )
     assert "api_key='***'" in result.stdout.str()
 
 
 def test_report_json_counts_the_requests(llm_suite, tmp_path):
     report = tmp_path / "out" / "report.json"
-    result = llm_suite.runpytest("--vllm-platform=stub", f"--vllm-report={report}",
-                                 "-p", "no:asyncio")
+    result = llm_suite.runpytest(
+        "--vllm-platform=stub", f"--vllm-report={report}", "-p", "no:asyncio"
+    )
     result.assert_outcomes(passed=2)
     data = json.loads(report.read_text())
     (row,) = data["platforms"]
-    assert row["name"] == "stub" and row["model"] == "stub"
-    assert row["requests"] == 2 and row["errors"] == 0
-    assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+    assert row["name"] == "stub"
+    assert row["model"] == "stub"
+    assert row["requests"] == 2
+    assert row["errors"] == 0
+    assert row["prompt_tokens"] > 0
+    assert row["completion_tokens"] > 0
     assert set(row["latency_ms"]) == {"p50", "p95", "max"}
-    assert row["keep_alive_pings"] == 0 and row["cold"] is False
+    assert row["keep_alive_pings"] == 0
+    assert row["cold"] is False
 
 
 def test_list_platforms(pytester, write_platforms):
     write_platforms({"mine": {"kind": "url", "base_url": "http://127.0.0.1:9/v1"}})
     result = pytester.runpytest("--vllm-list-platforms")
     assert result.ret == 0
-    result.stdout.fnmatch_lines([
-        "NAME*KIND*SOURCE*MODEL*TARGET",
-        "*local*process*built-in*",
-        "mine*url*pyproject.toml*http://127.0.0.1:9/v1",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "NAME*KIND*SOURCE*MODEL*TARGET",
+            "*local*process*built-in*",
+            "mine*url*pyproject.toml*http://127.0.0.1:9/v1",
+        ]
+    )
 
 
 def test_collect_only_wakes_nothing(llm_suite, endpoint_server, write_platforms):

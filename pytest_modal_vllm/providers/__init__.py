@@ -11,7 +11,11 @@ if TYPE_CHECKING:
 
 
 def make_provider(
-    platform: Platform, *, deploy: bool = False, ephemeral: bool = False, log_dir: Path | None = None
+    platform: Platform,
+    *,
+    deploy: bool = False,
+    ephemeral: bool = False,
+    log_dir: Path | None = None,
 ) -> Provider:
     """The provider for `platform.kind`; imports only the module of that kind."""
     if platform.kind == "url":

@@ -110,7 +110,9 @@ class ProcessProvider:
             return None
         tail = log_tail(self.log_path) if self.log_path else ""
         where = f" (log: {self.log_path})" if self.log_path else ""
-        return f"exit code {code}{where}; last lines:\n{tail}" if tail else f"exit code {code}{where}"
+        return (
+            f"exit code {code}{where}; last lines:\n{tail}" if tail else f"exit code {code}{where}"
+        )
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it after the grace period; idempotent."""
