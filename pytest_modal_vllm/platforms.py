@@ -347,7 +347,8 @@ def expand(platform: str, field_name: str, value: str, env: Mapping[str, str] | 
 
     def substitute(match: re.Match[str]) -> str:
         var, default = match.group(1), match.group(2)
-        if var in environ:
+        # As in the shell, `${VAR:-default}` also uses the default when VAR is set but empty.
+        if var in environ and (environ[var] or default is None):
             return environ[var]
         if default is not None:
             return default
@@ -432,7 +433,10 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
 
 def _tables(data: Any, source: str, prefix: str, base_dir: Path) -> dict[str, Platform]:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix} in {source} must be a table of platform tables", "")
+        raise ConfigError(
+            f"{prefix} in {source} must be a table of platform tables",
+            f"write one [{prefix}.NAME] table per platform",
+        )
     found = {}
     for name, table in data.items():
         if not isinstance(table, dict):

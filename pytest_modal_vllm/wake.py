@@ -39,6 +39,7 @@ FIRST_PAUSE = 0.05
 MAX_PAUSE = 0.25
 CONNECT_TIMEOUT = 10.0
 PROXY_AUTH_MARKER = "missing credentials for proxy authorization"
+PROXY_AUTH_INVALID_MARKER = "invalid credentials for proxy authorization"
 
 
 class Verdict(Enum):
@@ -134,6 +135,14 @@ def classify(
     if status in (301, 302, 303, 307, 308) and location:
         return Outcome(Verdict.REDIRECT, f"{status} redirect (request held too long)", location)
     if status in (401, 403):
+        if PROXY_AUTH_INVALID_MARKER in body:
+            return Outcome(
+                Verdict.CONFIG,
+                f"{status} proxy auth",
+                problem=f"the endpoint answered {status}: the Modal proxy auth token was rejected",
+                fix="set MODAL_PROXY_TOKEN_ID and MODAL_PROXY_TOKEN_SECRET to a proxy auth token "
+                "of the workspace that serves the endpoint",
+            )
         if PROXY_AUTH_MARKER in body:
             return Outcome(
                 Verdict.CONFIG,

@@ -162,7 +162,8 @@ def log(message: str) -> None:
 
 def run(step: str, argv: list[str], *, env: dict[str, str] | None = None) -> None:
     """Run one command, streaming its output; `SetupError` naming the step if it fails."""
-    log(f"{step}: {' '.join(argv)}")
+    shown = ["<script>" if "\n" in arg else arg for arg in argv]
+    log(f"{step}: {' '.join(shown)}")
     try:
         subprocess.run(argv, check=True, env=env)
     except FileNotFoundError as error:

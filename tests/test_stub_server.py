@@ -391,42 +391,49 @@ def test_bad_script_is_a_value_error(tmp_path: Path, text: str | None, problem: 
 
 
 def test_refuse_until_ready(serve: Callable[..., StubServer]) -> None:
-    server = serve(behaviour=Behaviour(cold_start=0.5, cold_style="refuse"))
+    # Long cold starts ended by make_ready(): the test controls time, so it holds under load.
+    server = serve(behaviour=Behaviour(cold_start=60, cold_style="refuse"))
     assert server.port != 0  # the port is reserved at once
     assert refused(server)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.root_url}/health")
-    assert server.wait_listening(5)
+    assert not server.wait_listening(0.05)
+    server.make_ready()
+    assert server.wait_listening(0)
     assert httpx.get(f"{server.root_url}/health").status_code == 200
     assert server.stats.ready_at is not None
 
 
 def test_503_until_ready(serve: Callable[..., StubServer]) -> None:
-    server = serve(behaviour=Behaviour(cold_start=0.5, cold_style="503"))
+    server = serve(behaviour=Behaviour(cold_start=60, cold_style="503"))
     first = httpx.get(f"{server.root_url}/health")
     assert (first.status_code, first.json()) == (503, {"error": "starting"})
     assert httpx.get(f"{server.base_url}/models").status_code == 503
-    assert server.wait_ready(5)
+    assert server.stats.ready_at is None
+    server.make_ready()
     assert httpx.get(f"{server.root_url}/health").status_code == 200
 
 
 def test_refuse_then_503_then_ready_in_that_order(serve: Callable[..., StubServer]) -> None:
-    server = serve(behaviour=Behaviour(cold_start=0.6))  # the default style
+    # The one test driven by the clock alone: 0.8 s refusing, then 0.8 s answering 503.
+    server = serve(behaviour=Behaviour(cold_start=1.6))  # the default style
     seen: list[str] = []
-    deadline = time.monotonic() + 5
-    while (not seen or seen[-1] != "200") and time.monotonic() < deadline:
-        try:
-            outcome = str(httpx.get(f"{server.root_url}/health", timeout=2).status_code)
-        except httpx.ConnectError:
-            outcome = "refused"
-        if not seen or seen[-1] != outcome:
-            seen.append(outcome)
-        time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    with httpx.Client(timeout=2) as http:
+        while (not seen or seen[-1] != "200") and time.monotonic() < deadline:
+            try:
+                outcome = str(http.get(f"{server.root_url}/health").status_code)
+            except httpx.ConnectError:
+                outcome = "refused"
+            if not seen or seen[-1] != outcome:
+                seen.append(outcome)
+            time.sleep(0.02)
     assert seen == ["refused", "503", "200"]
+    assert server.stats.cold_starts == 1
 
 
 def test_hold_answers_after_ready_not_before(serve: Callable[..., StubServer]) -> None:
-    server = serve(behaviour=Behaviour(cold_start=0.5, cold_style="hold"))
+    server = serve(behaviour=Behaviour(cold_start=60, cold_style="hold"))
     answered_at: list[float] = []
 
     def ask() -> None:
@@ -435,6 +442,9 @@ def test_hold_answers_after_ready_not_before(serve: Callable[..., StubServer]) -
 
     worker = threading.Thread(target=ask)
     worker.start()
+    wait_for(lambda: server.stats.chat_requests == 0 and bool(server.stats.requests))
+    assert not answered_at  # held, not refused and not answered
+    server.make_ready()
     worker.join(10)
     assert answered_at
     ready_at = server.stats.ready_at
@@ -442,47 +452,66 @@ def test_hold_answers_after_ready_not_before(serve: Callable[..., StubServer]) -
     assert answered_at[0] >= ready_at
 
 
-def test_make_ready_ends_the_cold_start(serve: Callable[..., StubServer]) -> None:
-    server = serve(behaviour=Behaviour(cold_start=60, cold_style="refuse"))
-    assert refused(server)
-    server.make_ready()
-    assert server.state == "ready"
-    assert httpx.get(f"{server.root_url}/health").status_code == 200
+def test_hold_ends_with_the_clock(serve: Callable[..., StubServer]) -> None:
+    server = serve(behaviour=Behaviour(cold_start=0.3, cold_style="hold"))
+    with httpx.Client(timeout=10) as http:
+        response = http.get(f"{server.base_url}/models")
+    answered_at = time.monotonic()
+    assert response.status_code == 200
+    ready_at = server.stats.ready_at
+    assert ready_at is not None
+    assert answered_at >= ready_at
 
 
 def test_many_concurrent_held_requests(serve: Callable[..., StubServer]) -> None:
-    server = serve(behaviour=Behaviour(cold_start=0.4, cold_style="hold"))
+    server = serve(behaviour=Behaviour(cold_start=60, cold_style="hold"))
     body = {"model": "stub", "messages": USER}
     url = f"{server.base_url}/chat/completions"
     # One client with room for every request at once: each waits on its own connection.
-    with httpx.Client(timeout=10, limits=httpx.Limits(max_connections=40)) as http:
-
-        def post(_: int) -> int:
-            return http.post(url, json=body).status_code
-
-        with ThreadPoolExecutor(max_workers=40) as pool:
-            statuses = list(pool.map(post, range(40)))
-    assert server.stats.connections == 40
+    with (
+        httpx.Client(timeout=10, limits=httpx.Limits(max_connections=40)) as http,
+        ThreadPoolExecutor(max_workers=40) as pool,
+    ):
+        futures = [pool.submit(http.post, url, json=body) for _ in range(40)]
+        wait_for(lambda: server.stats.requests.get("/v1/chat/completions", 0) == 40)
+        server.make_ready()
+        statuses = [future.result().status_code for future in futures]
     assert statuses == [200] * 40
+    assert server.stats.connections == 40
 
 
 def test_redirect_after_303_then_get_the_result(serve: Callable[..., StubServer]) -> None:
-    server = serve(behaviour=Behaviour(cold_start=0.8, cold_style="hold", redirect_after=0.2))
+    server = serve(behaviour=Behaviour(cold_start=60, cold_style="hold", redirect_after=0.2))
     body = {"model": "stub", "messages": USER}
     first = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=5)
     assert first.status_code == 303
     location = first.headers["location"]
     assert location.startswith("/__result/")
-    # Following the redirect is a GET (what clients do on 303), held again, redirected again,
-    # and finally answered with the original request's result.
-    result = httpx.get(f"{server.root_url}{location}", follow_redirects=True, timeout=5)
+    # The location is fetched with GET (what clients do on 303), held again, redirected again.
+    again = httpx.get(f"{server.root_url}{location}", timeout=5)
+    assert (again.status_code, again.headers["location"]) == (303, location)
+    assert server.stats.redirects == 2
+    server.make_ready()
+    # ... and finally answered with the original POST's result.
+    result = httpx.get(f"{server.root_url}{location}", timeout=5)
     assert result.status_code == 200
     assert result.json()["choices"][0]["message"]["content"] == "echo: hello there world"
-    assert server.stats.redirects >= 2
-    # The openai client follows the 303 on its own.
-    server.scale_to_zero()
+    assert httpx.get(f"{server.root_url}{location}").status_code == 404  # answered once
+
+
+def test_openai_client_follows_the_303(serve: Callable[..., StubServer]) -> None:
+    server = serve(behaviour=Behaviour(cold_start=60, cold_style="hold", redirect_after=0.2))
+
+    def ready_after_two_redirects() -> None:
+        wait_for(lambda: server.stats.redirects >= 2, timeout=10)
+        server.make_ready()
+
+    helper = threading.Thread(target=ready_after_two_redirects)
+    helper.start()
     answer = client_for(server).chat.completions.create(model="stub", messages=USER)
+    helper.join(10)
     assert answer.choices[0].message.content == "echo: hello there world"
+    assert server.stats.requests["/__result"] >= 2
 
 
 def test_api_key(serve: Callable[..., StubServer]) -> None:
@@ -545,14 +574,15 @@ def test_scaledown_window_emulates_modal(serve: Callable[..., StubServer]) -> No
 
 def test_scale_to_zero_reboot_answers_503_not_refused(serve: Callable[..., StubServer]) -> None:
     # "refuse" only applies to the very first start: Modal's proxy is always there.
-    server = serve(behaviour=Behaviour(cold_start=0.3, cold_style="refuse-then-503"))
-    assert server.wait_ready(5)
+    server = serve(behaviour=Behaviour(cold_start=60, cold_style="refuse-then-503"))
+    server.make_ready()
     server.scale_to_zero()
     assert server.state == "down"
-    assert httpx.get(f"{server.root_url}/health").status_code == 503
+    assert server.stats.ready_at is None
+    assert httpx.get(f"{server.root_url}/health").status_code == 503  # and it starts booting
     assert server.state == "booting"
     assert server.stats.cold_starts == 2
-    assert server.wait_ready(5)
+    server.make_ready()
     assert httpx.get(f"{server.root_url}/health").status_code == 200
 
 

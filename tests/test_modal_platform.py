@@ -1,0 +1,458 @@
+"""The `modal` kind end to end: pytest sessions (subprocesses) against a fake Modal SDK adapter
+and a Modal-like emulator (a `StubServer` with held requests, scale to zero and proxy auth).
+
+The subprocesses load `tests/fake_modal.py` through the adapter seam
+(`MODAL_VLLM_SDK_ADAPTER=fake_modal:FakeModal`, `tests/` on `PYTHONPATH`); the emulator lives in
+this process, so its counters (`stats.cold_starts`) are read here after each run.
+
+Before each run the emulator is scaled to zero, as a Modal endpoint is after idle: the session's
+wake is then the boot that serves it, however long the subprocess took to start. Boots are
+counted from there (`boots()`).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import API_KEY, LLM_TEST, PROXY_KEY, PROXY_SECRET, assert_no_secrets
+from fake_modal import read_calls, read_state
+
+from pytest_modal_vllm.stub_server import StubServer
+
+TESTS_DIR = Path(__file__).resolve().parent
+APP = "my-app"
+RUN_TIMEOUT = 90.0
+
+ASK = """
+def ask(openai_client, vllm_endpoint, text="ping"):
+    answer = openai_client.chat.completions.create(
+        model=vllm_endpoint.model, messages=[{"role": "user", "content": text}]
+    )
+    assert answer.choices[0].message.content
+"""
+
+
+class FakeModalFiles:
+    """The fake adapter's files and variables for one test."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.calls_path = tmp_path / "modal-calls.jsonl"
+        self.state_path = tmp_path / "modal-state.json"
+
+    def urls(self, urls: dict[str, str], *, deployed: str | None = None) -> None:
+        """Which "app/function" exist; `deployed` (comma-separated apps) limits what is."""
+        self.monkeypatch.setenv("FAKE_MODAL_URLS", json.dumps(urls))
+        if deployed is not None:
+            self.monkeypatch.setenv("FAKE_MODAL_DEPLOYED", deployed)
+
+    def set_min_containers(self, value: int, target: str = f"{APP}/serve") -> None:
+        self.state_path.write_text(json.dumps({"min_containers": {target: value}}))
+
+    def min_containers(self, target: str = f"{APP}/serve") -> Any:
+        return read_state(self.state_path)["min_containers"][target]
+
+    def calls(self) -> list[dict[str, Any]]:
+        return read_calls(self.calls_path)
+
+    def names(self) -> list[str]:
+        return [call["call"] for call in self.calls()]
+
+
+@pytest.fixture
+def fake_modal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeModalFiles:
+    """Point pytest subprocesses at the fake Modal adapter, with its call log and state."""
+    files = FakeModalFiles(tmp_path, monkeypatch)
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+    monkeypatch.setenv("MODAL_VLLM_SDK_ADAPTER", "fake_modal:FakeModal")
+    monkeypatch.setenv("FAKE_MODAL_CALLS", str(files.calls_path))
+    monkeypatch.setenv("FAKE_MODAL_STATE", str(files.state_path))
+    for name in (
+        "FAKE_MODAL_URLS",
+        "FAKE_MODAL_DEPLOYED",
+        "FAKE_MODAL_FAIL",
+        "FAKE_MODAL_NO_AUTH",
+        "MODAL_PROXY_TOKEN_ID",
+        "MODAL_PROXY_TOKEN_SECRET",
+        "MODAL_ENVIRONMENT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return files
+
+
+@pytest.fixture
+def emulator(endpoint_server: Callable[..., StubServer]) -> Callable[..., StubServer]:
+    """Factory: a Modal-like emulator, already scaled to zero (the wake boots it)."""
+
+    def start(**behaviour: Any) -> StubServer:
+        server = endpoint_server(**behaviour)
+        server.scale_to_zero()
+        server.boots_before = server.stats.cold_starts  # type: ignore[attr-defined]
+        return server
+
+    return start
+
+
+def boots(server: StubServer) -> int:
+    """Container boots since the emulator was scaled to zero before the run."""
+    return server.stats.cold_starts - server.boots_before  # type: ignore[attr-defined]
+
+
+def modal_platform(**fields: Any) -> dict[str, Any]:
+    return {"kind": "modal", "app": APP, **fields}
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*args, "-p", "no:asyncio", timeout=RUN_TIMEOUT)
+
+
+def output(result: pytest.RunResult) -> str:
+    return result.stdout.str() + "\n" + result.stderr.str()
+
+
+def usage_row(result: pytest.RunResult, name: str) -> list[str]:
+    """The platform's row of the `vllm usage` table, split into cells."""
+    lines = result.outlines
+    start = next(i for i, line in enumerate(lines) if "vllm usage" in line)
+    return next(line.split() for line in lines[start:] if line.split()[:1] == [name])
+
+
+# ---------------------------------------------------------------------- locate and wake
+
+
+def test_locate_wake_and_run_tests(llm_suite, emulator, write_platforms, fake_modal):
+    server = emulator(cold_start=1.5, cold_style="hold", model="m-modal")
+    fake_modal.urls({f"{APP}/web": server.root_url})
+    write_platforms({"mod": modal_platform(function="web", environment="staging")})
+
+    result = run(llm_suite, "--vllm-platform=mod")
+
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            f"vllm: mod -> {server.base_url} model=m-modal woke in *s (cold)",
+            "vllm: mod wake_timeout=900 (modal default), keep_alive=ping (modal default)*",
+        ]
+    )
+    assert fake_modal.calls() == [
+        {"call": "locate", "app": APP, "function": "web", "server": None, "environment": "staging"}
+    ]
+    assert boots(server) == 1
+    assert server.stats.chat_requests == 2
+
+
+def test_not_deployed_exits_4_with_the_deploy_hint(llm_suite, write_platforms, fake_modal):
+    fake_modal.urls({"other-app/serve": "http://127.0.0.1:9"})
+    write_platforms({"mod": modal_platform()})
+
+    result = run(llm_suite, "--vllm-platform=mod")
+
+    assert result.ret == 4
+    text = output(result)
+    assert "vllm platform 'mod'" in text
+    assert "not deployed" in text
+    assert "modal-vllm deploy mod" in text
+    assert "--vllm-deploy" in text
+    assert "Traceback" not in text
+    assert fake_modal.names() == ["locate"]
+
+
+def test_missing_modal_credentials_exit_4_saying_how_to_authenticate(
+    llm_suite, write_platforms, fake_modal, monkeypatch
+):
+    fake_modal.urls({f"{APP}/serve": "http://127.0.0.1:9"})
+    monkeypatch.setenv("FAKE_MODAL_NO_AUTH", "1")
+    write_platforms({"mod": modal_platform()})
+
+    result = run(llm_suite, "--vllm-platform=mod")
+
+    assert result.ret == 4
+    text = output(result)
+    assert "vllm platform 'mod'" in text
+    assert "modal setup" in text
+    assert "MODAL_TOKEN_ID" in text
+    assert "MODAL_TOKEN_SECRET" in text
+    assert "Traceback" not in text
+
+
+# ---------------------------------------------------------------------- autoscaler keep-alive
+
+AUTOSCALER_SUITE = """
+import json
+import os
+
+def min_containers():
+    with open(os.environ["FAKE_MODAL_STATE"], encoding="utf-8") as handle:
+        return json.load(handle)["min_containers"]["my-app/serve"]
+
+def test_pinned_while_the_session_runs(vllm_endpoint):
+    assert min_containers() == 1
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "ret", "selected_by"),
+    [
+        ("passing", 0, "option"),
+        ("failing", 1, "platform"),
+        ("interrupted", 2, "option"),
+    ],
+)
+def test_autoscaler_pins_one_container_and_restores_the_previous_value(
+    pytester, emulator, write_platforms, fake_modal, ending, ret, selected_by
+):
+    server = emulator()
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    fake_modal.set_min_containers(0)
+    extra = {"keep_alive": "autoscaler"} if selected_by == "platform" else {}
+    write_platforms({"mod": modal_platform(**extra)})
+    tail = {
+        "passing": "",
+        "failing": "\ndef test_fails():\n    assert False, 'on purpose'\n",
+        "interrupted": "\ndef test_ctrl_c():\n    raise KeyboardInterrupt\n",
+    }[ending]
+    pytester.makepyfile(test_pin=AUTOSCALER_SUITE + tail)
+    args = ["--vllm-keep-alive=autoscaler"] if selected_by == "option" else []
+
+    result = run(pytester, "--vllm-platform=mod", *args)
+
+    assert result.ret == ret, output(result)
+    result.stdout.fnmatch_lines(["*test_pin.py .*"])  # the pinned test passed
+    source = "command line" if selected_by == "option" else "platform mod"
+    result.stdout.fnmatch_lines([f"vllm: mod *keep_alive=autoscaler ({source})*"])
+    assert fake_modal.min_containers() == 0
+    updates = [c["min_containers"] for c in fake_modal.calls() if c["call"] == "update_autoscaler"]
+    assert updates == [1, 0]
+    assert server.stats.health_requests <= 2  # no pings besides the wake's probe
+
+
+def test_autoscaler_is_restored_after_sigint(pytester, emulator, write_platforms, fake_modal):
+    server = emulator()
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    fake_modal.set_min_containers(0)
+    write_platforms({"mod": modal_platform(keep_alive="autoscaler")})
+    marker = pytester.path / "test-is-running"
+    pytester.makepyfile(
+        test_wait=f"""
+        import pathlib
+        import time
+
+        def test_waits_for_ctrl_c(vllm_endpoint):
+            pathlib.Path({str(marker)!r}).write_text("running")
+            time.sleep(60)
+        """
+    )
+    process = pytester.popen(
+        [sys.executable, "-m", "pytest", "--vllm-platform=mod", "-p", "no:asyncio"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), process.communicate(timeout=10)
+        assert fake_modal.min_containers() == 1
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 2, (stdout, stderr)
+    assert b"KeyboardInterrupt" in stdout + stderr
+    assert fake_modal.min_containers() == 0
+    updates = [c["min_containers"] for c in fake_modal.calls() if c["call"] == "update_autoscaler"]
+    assert updates == [1, 0]
+
+
+# ---------------------------------------------------------------------- ping keep-alive
+
+PING_SUITE = (
+    ASK
+    + """
+import time
+
+def test_first(openai_client, vllm_endpoint):
+    ask(openai_client, vllm_endpoint)
+
+def test_after_an_idle_gap(openai_client, vllm_endpoint):
+    time.sleep(1.5)
+    ask(openai_client, vllm_endpoint)
+
+def test_after_another_idle_gap(openai_client, vllm_endpoint):
+    time.sleep(1.5)
+    ask(openai_client, vllm_endpoint)
+"""
+)
+
+
+def test_ping_keeps_a_short_scaledown_window_warm(pytester, emulator, write_platforms, fake_modal):
+    server = emulator(cold_start=0.5, cold_style="hold", scaledown_window=1.0)
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    write_platforms({"mod": modal_platform(keep_alive_interval=0.3)})
+    pytester.makepyfile(test_ping=PING_SUITE)
+
+    result = run(pytester, "--vllm-platform=mod")
+
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["vllm: mod *keep_alive=ping (modal default)*"])
+    assert boots(server) == 1  # the wake's boot served every test: no scale-down in between
+    row = usage_row(result, "mod")
+    assert row[1] == "3"  # requests
+    assert int(row[-1]) > 0  # pings
+    assert server.stats.health_requests >= int(row[-1])
+
+
+# ---------------------------------------------------------------------- no keep-alive: re-wake
+
+REWAKE_SUITE = (
+    ASK
+    + """
+import time
+
+def test_after_the_endpoint_scaled_to_zero(openai_client, vllm_endpoint):
+    time.sleep(2.0)  # twice the scale-down window, with no request: the container is gone
+    ask(openai_client, vllm_endpoint)
+"""
+)
+
+
+@pytest.mark.parametrize("style", ["hold", "503"])
+def test_without_keep_alive_a_test_after_scale_down_rewakes_the_endpoint(
+    pytester, emulator, write_platforms, fake_modal, style
+):
+    server = emulator(cold_start=0.5, cold_style=style, scaledown_window=1.0)
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    write_platforms({"mod": modal_platform()})
+    pytester.makepyfile(test_rewake=REWAKE_SUITE)
+
+    result = run(pytester, "--vllm-platform=mod", "--vllm-keep-alive=off")
+
+    result.assert_outcomes(passed=1)
+    assert boots(server) == 2  # the wake, then the re-wake after the idle gap
+    assert server.stats.chat_requests == 1
+    row = usage_row(result, "mod")
+    assert row[1:3] == ["1", "0"]  # one request, no error
+    assert row[-1] == "0"  # no pings
+
+
+# ---------------------------------------------------------------------- proxy auth
+
+SHOW_TEST = """
+def test_show(vllm_endpoint, openai_client, chat_model):
+    print(repr(vllm_endpoint))
+    print(repr(chat_model))
+    assert vllm_endpoint.headers
+    assert False, repr(vllm_endpoint)
+"""
+
+
+def test_proxy_auth_works_and_never_leaks(
+    llm_suite, emulator, write_platforms, fake_modal, monkeypatch
+):
+    server = emulator(proxy_auth=(PROXY_KEY, PROXY_SECRET), api_key=API_KEY)
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    write_platforms({"mod": modal_platform(proxy_auth=True, keep_alive_interval=0.2)})
+    monkeypatch.setenv("MODAL_PROXY_TOKEN_ID", PROXY_KEY)
+    monkeypatch.setenv("MODAL_PROXY_TOKEN_SECRET", PROXY_SECRET)
+    monkeypatch.setenv("VLLM_API_KEY", API_KEY)
+    llm_suite.makepyfile(test_show=SHOW_TEST)
+
+    result = run(llm_suite, "--vllm-platform=mod", "-vv", "-rA", "-l")
+
+    result.assert_outcomes(passed=2, failed=1)
+    assert server.stats.unauthorized == 0  # the wake, the pings and the clients all sent them
+    assert server.stats.chat_requests >= 2
+    assert "'Modal-Key': '***'" in result.stdout.str()
+    assert_no_secrets(result.stdout.str(), result.stderr.str())
+
+
+def test_proxy_auth_without_the_tokens_exits_4_naming_them(
+    llm_suite, emulator, write_platforms, fake_modal
+):
+    server = emulator(proxy_auth=(PROXY_KEY, PROXY_SECRET))
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    write_platforms({"mod": modal_platform(proxy_auth=True)})
+
+    result = run(llm_suite, "--vllm-platform=mod")
+
+    assert result.ret == 4
+    text = output(result)
+    assert "MODAL_PROXY_TOKEN_ID and MODAL_PROXY_TOKEN_SECRET are not set" in text
+    assert "Traceback" not in text
+    assert server.stats.requests == {}  # stopped before any request
+    assert fake_modal.calls() == []  # ... and before any Modal call
+
+
+# ---------------------------------------------------------------------- deploy and ephemeral
+
+
+def test_deploy_runs_before_locate_with_the_platform_settings(
+    llm_suite, emulator, write_platforms, fake_modal
+):
+    server = emulator()
+    fake_modal.urls({f"{APP}/serve": server.root_url}, deployed="")  # nothing deployed yet
+    deploy_env = {"MODEL_NAME": "org/model", "GPU": "L4"}
+    write_platforms({"mod": modal_platform(environment="dev", deploy_env=deploy_env)})
+
+    result = run(llm_suite, "--vllm-platform=mod", "--vllm-deploy")
+
+    result.assert_outcomes(passed=2)
+    deploy, locate = fake_modal.calls()
+    assert deploy["call"] == "deploy"
+    assert deploy["app_name"] == APP
+    assert deploy["environment"] == "dev"
+    assert deploy["deploy_env"] == {**deploy_env, "APP_NAME": APP}
+    assert deploy["app_file"].endswith("vllm_server.py")  # the bundled app by default
+    assert locate == {
+        "call": "locate",
+        "app": APP,
+        "function": "serve",
+        "server": None,
+        "environment": "dev",
+    }
+
+
+EPHEMERAL_SUITE = """
+import json
+import os
+
+def test_the_ephemeral_app_runs_during_the_session(vllm_endpoint):
+    with open(os.environ["FAKE_MODAL_CALLS"], encoding="utf-8") as handle:
+        calls = [json.loads(line)["call"] for line in handle]
+    assert calls == ["ephemeral_enter"]
+"""
+
+
+@pytest.mark.parametrize("outcome", ["passing", "failing"])
+def test_ephemeral_app_lives_exactly_as_long_as_the_session(
+    pytester, emulator, write_platforms, fake_modal, outcome
+):
+    server = emulator()
+    fake_modal.urls({f"{APP}/serve": server.root_url}, deployed="")  # never deployed
+    write_platforms({"mod": modal_platform(deploy_env={"GPU": "L4"})})
+    tail = "\ndef test_fails():\n    assert False, 'on purpose'\n" if outcome == "failing" else ""
+    pytester.makepyfile(test_eph=EPHEMERAL_SUITE + tail)
+
+    result = run(pytester, "--vllm-platform=mod", "--vllm-ephemeral")
+
+    if outcome == "failing":
+        result.assert_outcomes(passed=1, failed=1)
+    else:
+        result.assert_outcomes(passed=1)
+    enter, exit_ = fake_modal.calls()
+    assert enter["call"] == "ephemeral_enter"
+    assert enter["deploy_env"] == {"GPU": "L4", "APP_NAME": APP}
+    assert enter["function"] == "serve"
+    assert exit_["call"] == "ephemeral_exit"
+    assert exit_["error"] is None
+    result.stdout.fnmatch_lines([f"vllm: mod -> {server.base_url} *"])
