@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import idle_overhead  # noqa: E402
-import wake_lag  # noqa: E402
+import idle_overhead
+import wake_lag
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from pytest_modal_vllm.stub_server import Behaviour, StubServer
-from pytest_modal_vllm.wake import WakeRequest, Waker
+from pytest_modal_vllm.wake import Waker, WakeRequest
 
 STYLES = ("refuse", "503", "hold")
 ROUNDS = 5
