@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pytest
 
 UNAVAILABLE_MODES = ("fail", "skip")
+INI_UNSET = "<unset>"
 
 
 def positive_seconds(text: str) -> float:
@@ -173,7 +174,9 @@ def add_options(parser: pytest.Parser) -> None:
                 help=option.help + (f" (env {option.env})" if option.env else ""),
             )
         if option.ini:
-            parser.addini(option.ini, option.help, default=None)
+            # A sentinel, not None: pytest 8 turns a None default into "", which would make an
+            # absent `vllm_env_file` look like the empty string that disables .env.
+            parser.addini(option.ini, option.help, default=INI_UNSET)
 
 
 @dataclass(frozen=True)
@@ -331,7 +334,11 @@ def apply_env_file(values: Mapping[str, str]) -> list[str]:
 def from_pytest(config: pytest.Config) -> Settings:
     """Resolve the settings of a pytest run, reading the .env file first (without applying it)."""
     cli = {option.dest: config.getoption(f"vllm_{option.dest}") for option in OPTIONS}
-    ini = {option.ini: config.getini(option.ini) for option in OPTIONS if option.ini}
+    ini = {
+        option.ini: None if (value := config.getini(option.ini)) == INI_UNSET else value
+        for option in OPTIONS
+        if option.ini
+    }
     rootdir = Path(config.rootpath)
     # The env file's location itself comes from CLI > env > ini, before .env can say anything.
     env_option = OPTIONS_BY_DEST["env_file"]
