@@ -258,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `modal-vllm`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:
+        # argparse exits 0 for --help and 2 for a usage error: a configuration error here,
+        # as in pytest (exit 4).
+        return EXIT_CONFIG if done.code == 2 else int(done.code or 0)
     try:
         return int(args.run(args))
     except PlatformError as error:

@@ -1,4 +1,4 @@
-"""The built-in `local` platform's launcher: package checks, the model file, a real llama.cpp server.
+"""The `local` platform's launcher: package checks, the model file, a real llama.cpp server.
 
 The preflight checks run in a child interpreter started with `-I -S` (no site-packages at all),
 with only the packages a test puts on its `sys.path`: a real "not installed", not a mock.

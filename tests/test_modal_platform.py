@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, LLM_TEST, PROXY_KEY, PROXY_SECRET, assert_no_secrets
+from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, assert_no_secrets
 from fake_modal import read_calls, read_state
 
 from pytest_modal_vllm.stub_server import StubServer
@@ -30,6 +30,8 @@ from pytest_modal_vllm.stub_server import StubServer
 TESTS_DIR = Path(__file__).resolve().parent
 APP = "my-app"
 RUN_TIMEOUT = 90.0
+# Plugins the runs do not need; langsmith's (installed with langchain) alone costs seconds.
+QUIET_PLUGINS = ("-p", "no:asyncio", "-p", "no:langsmith_plugin", "-p", "no:anyio")
 
 ASK = """
 def ask(openai_client, vllm_endpoint, text="ping"):
@@ -111,7 +113,7 @@ def modal_platform(**fields: Any) -> dict[str, Any]:
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, "-p", "no:asyncio", timeout=RUN_TIMEOUT)
+    return pytester.runpytest_subprocess(*args, *QUIET_PLUGINS, timeout=RUN_TIMEOUT)
 
 
 def output(result: pytest.RunResult) -> str:
@@ -251,9 +253,10 @@ def test_autoscaler_is_restored_after_sigint(pytester, emulator, write_platforms
         """
     )
     process = pytester.popen(
-        [sys.executable, "-m", "pytest", "--vllm-platform=mod", "-p", "no:asyncio"],
+        [sys.executable, "-m", "pytest", "--vllm-platform=mod", *QUIET_PLUGINS],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT

@@ -114,7 +114,7 @@ def test_raw_tool_call_arguments_are_json(
         assert isinstance(arguments["expression"], str)
 
 
-@pytest.mark.vllm_requires("streaming")
+@pytest.mark.vllm_requires("tools", "streaming")
 def test_streamed_tool_call_assembles(chat_model: ChatOpenAI) -> None:
     model = chat_model.bind_tools(TOOLS)
     chunks = list(model.stream([SystemMessage(SYSTEM_PROMPT), HumanMessage("What is 99 * 3?")]))
