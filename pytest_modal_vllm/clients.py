@@ -18,7 +18,7 @@ installed openai uses (`http_module()`).
 from __future__ import annotations
 
 import functools
-import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from langchain_openai import ChatOpenAI
 
 REWAKE_STATUSES = frozenset({502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REWAKES_PER_REQUEST = 3
 # Bodies larger than this are not parsed for usage (only their tail is kept, for SSE).
 BODY_CAP = 4 * 1024 * 1024
@@ -110,27 +111,23 @@ class Guard:
             return True
 
 
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
 def _usage_of(body: bytes) -> tuple[int, int]:
-    """(prompt_tokens, completion_tokens) from a JSON answer or an SSE stream; (0, 0) if none."""
-    text = body.decode("utf-8", "replace").strip()
-    found: Any = None
-    if text.startswith("{"):
-        try:
-            found = json.loads(text).get("usage")
-        except ValueError:
-            found = None
-    else:
-        for line in reversed(text.splitlines()):
-            if line.startswith("data:") and '"usage"' in line:
-                try:
-                    found = json.loads(line[5:].strip()).get("usage")
-                except ValueError:
-                    continue
-                if found:
-                    break
-    if not isinstance(found, dict):
+    """(prompt_tokens, completion_tokens) of a JSON answer or an SSE stream; (0, 0) if none.
+
+    OpenAI-compatible servers put `usage` last (the final chunk of a stream), so the counts
+    are read after the last `"usage"` key with two small regexes: much cheaper than parsing
+    the whole body, which matters for the client-overhead budget.
+    """
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return 0, 0
-    return int(found.get("prompt_tokens") or 0), int(found.get("completion_tokens") or 0)
+    segment = body[at : at + 2048]
+    prompt, completion = _PROMPT.search(segment), _COMPLETION.search(segment)
+    return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
 
 
 class _Recorder:
@@ -214,6 +211,12 @@ class PlatformTransport:
             guard,
             lib,
         )
+        # Redirect targets the client is about to follow -> when the redirected request began.
+        self._hops: dict[str, float] = {}
+
+    def _started(self, request: Any) -> float:
+        """When `request` began: a followed redirect continues the request that got it."""
+        return self._hops.pop(str(request.url), None) or time.perf_counter()
 
     def _strip_placeholder_key(self, request: Any) -> None:
         if request.headers.get("authorization") == f"Bearer {NO_KEY}":
@@ -228,7 +231,15 @@ class PlatformTransport:
             return connect_error(f"LLM platform {self.endpoint.platform!r} is down: {error}")
         return error
 
-    def _wrap(self, response: Any, started: float, stream_type: type) -> Any:
+    def _wrap(self, request: Any, response: Any, started: float, stream_type: type) -> Any:
+        location = response.headers.get("location")
+        if response.status_code in REDIRECT_STATUSES and location:
+            # One hop of a redirect chain (Modal's 303 after a long hold): not a request of its
+            # own; the request it leads to is metered once, from this hop's start.
+            if len(self._hops) > 256:  # redirects the client did not follow
+                self._hops.clear()
+            self._hops[str(request.url.join(location))] = started
+            return response
         recorder = _Recorder(
             self.meter, self.endpoint.platform, started, error=response.status_code >= 400
         )
@@ -237,7 +248,7 @@ class PlatformTransport:
 
     def handle_request(self, request: Any) -> Any:
         """Send `request`, waiting through a mid-session cold start; meter the answer."""
-        started = time.perf_counter()
+        started = self._started(request)
         self._strip_placeholder_key(request)
         for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
             try:
@@ -261,7 +272,7 @@ class PlatformTransport:
                 response.close()
                 if self.guard.rewake():
                     continue
-            return self._wrap(response, started, _stream_types(self.lib)[0])
+            return self._wrap(request, response, started, _stream_types(self.lib)[0])
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _cold_answer(self, response: Any) -> bool:
@@ -288,7 +299,7 @@ class AsyncPlatformTransport(PlatformTransport):
         """Send `request`, waiting through a mid-session cold start; meter the answer."""
         import asyncio
 
-        started = time.perf_counter()
+        started = self._started(request)
         self._strip_placeholder_key(request)
         for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
             try:
@@ -312,7 +323,7 @@ class AsyncPlatformTransport(PlatformTransport):
                 await response.aclose()
                 if await asyncio.to_thread(self.guard.rewake):
                     continue
-            return self._wrap(response, started, _stream_types(self.lib)[1])
+            return self._wrap(request, response, started, _stream_types(self.lib)[1])
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:

@@ -27,9 +27,9 @@ from .tools import TOOLS
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant with two tools. "
-    "Use the calculator tool for every arithmetic question, even easy ones. "
-    "Use the lookup tool for facts about countries (capitals, populations). "
-    "After a tool answers, reply briefly to the user and include the tool's result."
+    "Use the calculator tool for all arithmetic, even easy sums, instead of working it out "
+    "yourself. Use the lookup tool for facts about countries (capitals, populations) instead "
+    "of answering from memory. After the tools answer, reply briefly and include their result."
 )
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
