@@ -1,6 +1,6 @@
 """Run every benchmark and write docs/benchmarks.md (one command reproduces the whole table).
 
-    .venv/bin/python benchmarks/run_all.py
+.venv/bin/python benchmarks/run_all.py
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import client_overhead
+import concurrent_wake
+import gpu_cost
 import idle_overhead
 import wake_lag
 
@@ -29,29 +32,77 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), "
-            f"Python {platform.python_version()}")
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
     idle = idle_overhead.main()
     lags = wake_lag.main()
     rows = [
-        ("Idle overhead: `pytest --collect-only` on 300 tests, no platform selected",
-         f"median of {idle_overhead.ROUNDS} alternating runs each",
-         f"{idle['collect_with_plugin_s']:.3f} s vs {idle['collect_without_plugin_s']:.3f} s",
-         f"ratio **{idle['ratio']:.3f}** vs `-p no:modal_vllm` (goal <= 1.05)"),
-        ("Import of `pytest_modal_vllm.plugin`", "median, fresh interpreter with pytest loaded",
-         f"{idle['plugin_import_ms']:.1f} ms", "-"),
+        (
+            "Idle overhead: `pytest --collect-only` on 300 tests, no platform selected",
+            f"median of {idle_overhead.ROUNDS} alternating runs each",
+            f"{idle['collect_with_plugin_s']:.3f} s vs {idle['collect_without_plugin_s']:.3f} s",
+            f"ratio **{idle['ratio']:.3f}** vs `-p no:modal_vllm` (goal <= 1.05)",
+        ),
+        (
+            "Import of `pytest_modal_vllm.plugin`",
+            "median, fresh interpreter with pytest loaded",
+            f"{idle['plugin_import_ms']:.1f} ms",
+            "-",
+        ),
     ]
     for style, row in lags.items():
         polls = ", ".join(f"{k}: {v:.3f} s" for k, v in row.items() if k.startswith("poll"))
         best = min(v for k, v in row.items() if k.startswith("poll"))
-        rows.append((f"Wake-detection lag, {style}-style server",
-                     f"median over {wake_lag.ROUNDS} cold starts of 1-2 s (random phase)",
-                     f"plugin {row['plugin']:.3f} s; ready -> first test "
-                     f"{row['plugin ready->first test']:.3f} s",
-                     f"{polls} (best fixed interval {best:.3f} s)"))
+        rows.append(
+            (
+                f"Wake-detection lag, {style}-style server",
+                f"median over {wake_lag.ROUNDS} cold starts of 1-2 s (random phase)",
+                f"plugin {row['plugin']:.3f} s; ready -> first test "
+                f"{row['plugin ready->first test']:.3f} s",
+                f"{polls} (best fixed interval {best:.3f} s)",
+            )
+        )
+    together = concurrent_wake.main()
+    rows.append(
+        (
+            "Concurrent wake of 3 platforms (cold starts 1, 2, 3 s; refuse, 503, hold)",
+            "`wake_all`, one run",
+            f"{together['total_s']:.2f} s total",
+            f"ratio to the slowest **{together['ratio_to_slowest']:.2f}** "
+            f"(sequential would be {together['sum_of_cold_starts_s']:.0f} s)",
+        )
+    )
+    clients = client_overhead.main()
+    for kind in ("sync", "streaming"):
+        rows.append(
+            (
+                f"Client overhead, {kind}",
+                f"{client_overhead.REQUESTS} requests each against the stub (separate "
+                "process), alternating blocks, median per request",
+                f"{clients[kind + '_metered_ms']:.2f} ms metered vs "
+                f"{clients[kind + '_plain_ms']:.2f} ms plain `openai.OpenAI`",
+                f"ratio **{clients[kind + '_ratio']:.3f}**",
+            )
+        )
+    costs = gpu_cost.main()
+    for strategy, cost in costs.items():
+        rows.append(
+            (
+                f"GPU cost on the Modal emulator, keep-alive `{strategy}`",
+                f"4 requests with 3 idle gaps longer than the scale-down window "
+                f"({gpu_cost.WINDOW:g}), cold start {gpu_cost.COLD_START:g}; 1 s stands "
+                "for 1 min",
+                f"{cost['cold_starts']} cold starts, session {cost['session_s']:.1f} s, "
+                f"billed {cost['billed_s']:.1f} s (idle tail {cost['idle_tail_s']:.1f} s)",
+                f"${cost['usd_scaled']:.2f} at ${gpu_cost.GPU_PRICE_PER_HOUR}/GPU-hour "
+                "(scaled to minutes)",
+            )
+        )
     lines = [
         "# Benchmarks",
         "",

@@ -75,9 +75,18 @@ def first_test_lag(style: str) -> float:
                 f'[tool.modal-vllm.platforms.bench]\nkind = "url"\nbase_url = "{server.base_url}"\n'
             )
             subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "--vllm-platform=bench"],
-                cwd=root, check=True, capture_output=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "--vllm-platform=bench",
+                ],
+                cwd=root,
+                check=True,
+                capture_output=True,
             )
             started = float((root / "first_test_at").read_text())
             assert server.stats.ready_at is not None
@@ -93,9 +102,7 @@ def main() -> dict[str, dict[str, float]]:
             row[f"poll {interval:g}s"] = statistics.median(
                 poller_lag(style, interval) for _ in range(rounds)
             )
-        row["plugin ready->first test"] = statistics.median(
-            first_test_lag(style) for _ in range(3)
-        )
+        row["plugin ready->first test"] = statistics.median(first_test_lag(style) for _ in range(3))
         results[style] = {k: round(v, 3) for k, v in row.items()}
     return results
 

@@ -561,14 +561,11 @@ def test_scaledown_window_emulates_modal(serve: Callable[..., StubServer]) -> No
     time.sleep(0.2)
     assert server.stats.billed_seconds() == billed  # a stopped container costs nothing
 
-    # The next request wakes a new container and is held through its cold start.
+    # The next request wakes a new container and is held through its cold start: a 200, not a
+    # 503 (the new container may already have scaled down again when the test looks).
     answered = client.chat.completions.create(model="stub", messages=USER)
-    answered_at = time.monotonic()
     assert answered.choices[0].message.content == "echo: hello there world"
     assert server.stats.cold_starts == 2
-    ready_at = server.stats.ready_at
-    assert ready_at is not None
-    assert answered_at >= ready_at
     assert server.stats.container_seconds > billed
 
 
