@@ -92,9 +92,15 @@ class Runtime:
     def skip_reason(self, item: pytest.Item) -> str | None:
         """Why `item` must be skipped on this run, or None to run it."""
         fixtures = set(getattr(item, "fixturenames", ()))
-        only = item.get_closest_marker("vllm_platforms")
-        requires = item.get_closest_marker("vllm_requires")
-        if not (fixtures & LLM_FIXTURES or only or requires):
+        # Stacked markers combine (module `pytestmark` and decorators): every `vllm_requires`
+        # adds capabilities, every `vllm_platforms` narrows the platforms.
+        only: set[str] | None = None
+        for marker in item.iter_markers("vllm_platforms"):
+            only = set(marker.args) if only is None else only & set(marker.args)
+        requires = {
+            str(arg) for marker in item.iter_markers("vllm_requires") for arg in marker.args
+        }
+        if not (fixtures & LLM_FIXTURES or only is not None or requires):
             return None
         if not self.selected:
             return self.no_platform_reason()
@@ -109,12 +115,12 @@ class Runtime:
             return reasons[0]
         return None
 
-    def _reason_for(self, name: str, only: Any, requires: Any) -> str | None:
-        if only is not None and name not in only.args:
-            return f"runs only on {', '.join(only.args)} (this run: {name})"
-        if requires is not None:
+    def _reason_for(self, name: str, only: set[str] | None, requires: set[str]) -> str | None:
+        if only is not None and name not in only:
+            return f"runs only on {', '.join(sorted(only)) or 'no platform'} (this run: {name})"
+        if requires:
             have = self.capabilities.get(name, ())
-            missing = [cap for cap in requires.args if cap not in have]
+            missing = sorted(cap for cap in requires if cap not in have)
             if missing:
                 return (
                     f"platform {name!r} lacks capability {', '.join(missing)} "

@@ -372,8 +372,10 @@ model = "{SERVED_MODEL_NAME}"
 command = [
     {items},
 ]
-capabilities = ["streaming", "json_schema", "tools"]
-wake_timeout = 240
+# Tool calls only when forced (tool_choice "required" or named, with "strict": true): the
+# 135M model does not choose tools by itself, so no "tools" capability.
+capabilities = ["streaming", "json_schema"]
+wake_timeout = 300
 
 [platforms.vllm-cpu.env]
 HF_HUB_OFFLINE = "1"

@@ -35,8 +35,18 @@ EXIT_UNAVAILABLE = 75
 
 # Keep each subprocess run short: no plugins the cases do not need (langsmith's alone costs
 # most of a second of imports).
-FAST = ("-p", "no:asyncio", "-p", "no:cacheprovider", "-p", "no:langsmith_plugin",
-        "-p", "no:anyio", "-p", "no:xdist")
+FAST = (
+    "-p",
+    "no:asyncio",
+    "-p",
+    "no:cacheprovider",
+    "-p",
+    "no:langsmith_plugin",
+    "-p",
+    "no:anyio",
+    "-p",
+    "no:xdist",
+)
 WRONG_KEY = "sk-wrong-0c9e1d"
 
 
@@ -75,6 +85,7 @@ def pyproject(name: str = "", body: str = "", ini: str = "") -> dict[str, str]:
 URL_OK = 'kind = "url"\nbase_url = "http://127.0.0.1:9/v1"\n'
 STUB = ("--vllm-platform=stub",)
 
+# fmt: off
 BAD_INPUTS: list[BadInput] = [
     # ------------------------------------------------------------------ pyproject.toml
     BadInput("unknown-platform", "command line", EXIT_CONFIG,
@@ -337,6 +348,7 @@ BAD_INPUTS: list[BadInput] = [
              pyproject("fake", 'kind = "stub"\ncold_start = -1'), ("--vllm-platform=fake",),
              platform="fake"),
 ]
+# fmt: on
 
 
 # ---------------------------------------------------------------------------- leftovers
@@ -386,13 +398,21 @@ def test_matrix_is_well_formed() -> None:
     assert len(ids) == len(set(ids)) >= 25
     assert {case.exit_code for case in BAD_INPUTS} == {EXIT_CONFIG, EXIT_UNAVAILABLE}
     assert {case.where for case in BAD_INPUTS} >= {
-        "pyproject.toml", "config file", "command line", "environment", "ini", ".env file",
-        "${VAR}", "endpoint"}
+        "pyproject.toml",
+        "config file",
+        "command line",
+        "environment",
+        "ini",
+        ".env file",
+        "${VAR}",
+        "endpoint",
+    }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[case.id for case in BAD_INPUTS])
-def test_bad_input(case: BadInput, pytester: pytest.Pytester, endpoint_server: Any,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input(
+    case: BadInput, pytester: pytest.Pytester, endpoint_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     token = f"vllm-bad-input-{uuid.uuid4().hex[:12]}"
     subs = {"@PY@": sys.executable, "@TOKEN@": token, "@DEAD@": _dead_url()}
     if case.server is not None:

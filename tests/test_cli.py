@@ -21,18 +21,28 @@ import pytest
 from conftest import API_KEY, platforms_toml
 
 CLI = (sys.executable, "-m", "pytest_modal_vllm.cli")
-HEADER = re.compile(r"^(\S+) -> (http://127\.0\.0\.1:\d+/v1) model=(\S+) woke in \d+\.\ds "
-                    r"\((warm|cold)\)$", re.MULTILINE)
+HEADER = re.compile(
+    r"^(\S+) -> (http://127\.0\.0\.1:\d+/v1) model=(\S+) woke in \d+\.\ds "
+    r"\((warm|cold)\)$",
+    re.MULTILINE,
+)
 
 
 def cli(cwd: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env})
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
 
 
 def project(tmp_path: Path, platforms: dict[str, dict[str, Any]]) -> Path:
     tmp_path.joinpath("pyproject.toml").write_text(
-        '[project]\nname = "demo"\n\n' + platforms_toml(platforms, "tool.modal-vllm.platforms"))
+        '[project]\nname = "demo"\n\n' + platforms_toml(platforms, "tool.modal-vllm.platforms")
+    )
     return tmp_path
 
 
@@ -56,9 +66,20 @@ def processes_with(token: str) -> list[int]:
 
 def stub_process_platform(token: str) -> dict[str, Any]:
     """A `process` platform that runs the stub server as a child process (model = token)."""
-    return {"kind": "process", "model": token, "wake_timeout": 30,
-            "command": [sys.executable, "-m", "pytest_modal_vllm.stub_server",
-                        "--port", "{port}", "--model", "{model}"]}
+    return {
+        "kind": "process",
+        "model": token,
+        "wake_timeout": 30,
+        "command": [
+            sys.executable,
+            "-m",
+            "pytest_modal_vllm.stub_server",
+            "--port",
+            "{port}",
+            "--model",
+            "{model}",
+        ],
+    }
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -100,14 +121,20 @@ def test_platforms_table_lists_builtins_and_the_projects_own(tmp_path: Path) -> 
 def test_platforms_json(tmp_path: Path) -> None:
     project(tmp_path, {"mine": {"kind": "stub", "model": "m"}})
     tmp_path.joinpath("extra.toml").write_text(
-        platforms_toml({"other": {"kind": "url", "base_url": "http://h/v1"}}, "platforms"))
+        platforms_toml({"other": {"kind": "url", "base_url": "http://h/v1"}}, "platforms")
+    )
     done = cli(tmp_path, "--config", "extra.toml", "platforms", "--json")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     assert all(set(row) == {"name", "kind", "source", "model", "target"} for row in rows)
     by_name = {row["name"]: row for row in rows}
-    assert by_name["mine"] == {"name": "mine", "kind": "stub", "source": "pyproject.toml",
-                               "model": "m", "target": "in-process stub"}
+    assert by_name["mine"] == {
+        "name": "mine",
+        "kind": "stub",
+        "source": "pyproject.toml",
+        "model": "m",
+        "target": "in-process stub",
+    }
     assert by_name["other"]["source"] == "extra.toml"
     assert by_name["other"]["target"] == "http://h/v1"
     assert by_name["modal-llama"]["kind"] == "modal"
@@ -119,7 +146,8 @@ def test_platforms_with_a_broken_pyproject_exits_4(tmp_path: Path) -> None:
     done = cli(tmp_path, "platforms")
     assert done.returncode == 4
     assert "vllm platform 'mine': unknown field 'base_ur' (did you mean 'base_url'?)" in (
-        done.stderr)
+        done.stderr
+    )
     assert "Fix:" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -199,7 +227,8 @@ def test_deploy_and_stop_need_a_modal_platform(tmp_path: Path, verb: str) -> Non
     done = cli(tmp_path, verb, "stub")
     assert done.returncode == 4
     assert f"vllm platform 'stub': '{verb}' applies to modal platforms; this one is 'stub'" in (
-        done.stderr)
+        done.stderr
+    )
     assert "Fix:" in done.stderr
 
 
@@ -208,8 +237,13 @@ def test_deploy_and_stop_need_a_modal_platform(tmp_path: Path, verb: str) -> Non
 
 def serve(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], str, str]:
     """Start `modal-vllm serve NAME`; return the process, its base URL and its model."""
-    process = subprocess.Popen([*CLI, "serve", name], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*CLI, "serve", name],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watchdog = threading.Timer(30, process.kill)  # a hung start cannot hang the suite
     watchdog.start()
     try:
@@ -242,8 +276,11 @@ def test_serve_stub_until_ctrl_c(tmp_path: Path) -> None:
         models = httpx.get(f"{base_url}/models", timeout=10)
         assert models.status_code == 200
         assert [m["id"] for m in models.json()["data"]] == [model]
-        answer = httpx.post(f"{base_url}/chat/completions", timeout=10, json={
-            "model": model, "messages": [{"role": "user", "content": "hello there"}]})
+        answer = httpx.post(
+            f"{base_url}/chat/completions",
+            timeout=10,
+            json={"model": model, "messages": [{"role": "user", "content": "hello there"}]},
+        )
         assert answer.status_code == 200
         assert "hello there" in answer.json()["choices"][0]["message"]["content"]
     finally:
@@ -281,8 +318,13 @@ def test_serve_refuses_a_url_platform(tmp_path: Path) -> None:
 def test_status_of_url_platforms(tmp_path: Path, endpoint_server) -> None:
     server = endpoint_server()
     dead = dead_url()
-    project(tmp_path, {"live": {"kind": "url", "base_url": server.base_url},
-                       "gone": {"kind": "url", "base_url": dead}})
+    project(
+        tmp_path,
+        {
+            "live": {"kind": "url", "base_url": server.base_url},
+            "gone": {"kind": "url", "base_url": dead},
+        },
+    )
     done = cli(tmp_path, "status", "live")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [

@@ -13,6 +13,7 @@ counted from there (`boots()`).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -73,7 +74,9 @@ class FakeModalFiles:
 def fake_modal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeModalFiles:
     """Point pytest subprocesses at the fake Modal adapter, with its call log and state."""
     files = FakeModalFiles(tmp_path, monkeypatch)
-    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+    )
     monkeypatch.setenv("MODAL_VLLM_SDK_ADAPTER", "fake_modal:FakeModal")
     monkeypatch.setenv("FAKE_MODAL_CALLS", str(files.calls_path))
     monkeypatch.setenv("FAKE_MODAL_STATE", str(files.state_path))
@@ -235,7 +238,12 @@ def test_autoscaler_pins_one_container_and_restores_the_previous_value(
     assert server.stats.health_requests <= 2  # no pings besides the wake's probe
 
 
-def test_autoscaler_is_restored_after_sigint(pytester, emulator, write_platforms, fake_modal):
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_autoscaler_is_restored_after_a_signal(
+    pytester, emulator, write_platforms, fake_modal, signum
+):
+    """Ctrl-C (and SIGTERM, turned into KeyboardInterrupt while platforms run) mid-test."""
     server = emulator()
     fake_modal.urls({f"{APP}/serve": server.root_url})
     fake_modal.set_min_containers(0)
@@ -263,7 +271,7 @@ def test_autoscaler_is_restored_after_sigint(pytester, emulator, write_platforms
             time.sleep(0.05)
         assert marker.exists(), process.communicate(timeout=10)
         assert fake_modal.min_containers() == 1
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
     finally:
         if process.poll() is None:

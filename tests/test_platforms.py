@@ -58,7 +58,11 @@ def test_validate_builds_a_platform_with_stored_forms() -> None:
     assert platform.env == {"A": "x", "N": "8", "F": "0.5", "ON": "1", "OFF": "0"}
     assert platform.capabilities == ("streaming", "tools")
     assert platform.client_options == {
-        "timeout": 5, "max_retries": 3, "temperature": 0.0, "extra_body": {"top_k": 1}}
+        "timeout": 5,
+        "max_retries": 3,
+        "temperature": 0.0,
+        "extra_body": {"top_k": 1},
+    }
     assert platform.effective_wake_timeout == 12
     assert platform.effective_keep_alive == "ping"
     assert platform.base_dir == "/somewhere"
@@ -83,28 +87,44 @@ def test_validate_defaults_per_kind() -> None:
 @pytest.mark.parametrize(
     ("table", "fragments"),
     [
-        ({"kind": "url", "base_url": "http://h/v1", "base_ulr": "x"},
-         ["unknown field 'base_ulr' (did you mean 'base_url'?) in src", "valid fields"]),
-        ({"kind": "stub", "app": "a"},
-         ["field 'app' does not apply to kind 'stub'", "it is for kind 'modal'"]),
+        (
+            {"kind": "url", "base_url": "http://h/v1", "base_ulr": "x"},
+            ["unknown field 'base_ulr' (did you mean 'base_url'?) in src", "valid fields"],
+        ),
+        (
+            {"kind": "stub", "app": "a"},
+            ["field 'app' does not apply to kind 'stub'", "it is for kind 'modal'"],
+        ),
         ({"kind": "url", "base_url": "http://h/v1", "model": 3}, ["'model' must be a string"]),
-        ({"kind": "url", "base_url": "http://h/v1", "wake_timeout": False},
-         ["'wake_timeout' must be a number"]),
+        (
+            {"kind": "url", "base_url": "http://h/v1", "wake_timeout": False},
+            ["'wake_timeout' must be a number"],
+        ),
         ({"kind": "process", "command": []}, ["field 'command' is empty"]),
         ({"kind": "process", "command": "vllm serve"}, ["'command' must be a list of strings"]),
-        ({"kind": "process", "command": ["x"], "env": {"A": ["b"]}},
-         ["'env' must map names to strings; 'A' is not"]),
-        ({"kind": "modal", "app": "a", "deploy_env": "GPU=H100"},
-         ["'deploy_env' must be a table of strings"]),
+        (
+            {"kind": "process", "command": ["x"], "env": {"A": ["b"]}},
+            ["'env' must map names to strings; 'A' is not"],
+        ),
+        (
+            {"kind": "modal", "app": "a", "deploy_env": "GPU=H100"},
+            ["'deploy_env' must be a table of strings"],
+        ),
         ({"kind": "stub", "cold_start": -0.1}, ["'cold_start' must be 0 or more"]),
-        ({"kind": "url", "base_url": "http://h/v1", "keep_alive_interval": -1},
-         ["'keep_alive_interval' must be a positive number"]),
+        (
+            {"kind": "url", "base_url": "http://h/v1", "keep_alive_interval": -1},
+            ["'keep_alive_interval' must be a positive number"],
+        ),
         ({"kind": "stub", "keep_alive": "autoscaler"}, ["needs kind 'modal'"]),
-        ({"kind": "url", "base_url": "http://h/v1", "client": {"max_retry": 1}},
-         ["unknown client option 'max_retry' (did you mean 'max_retries'?)"]),
+        (
+            {"kind": "url", "base_url": "http://h/v1", "client": {"max_retry": 1}},
+            ["unknown client option 'max_retry' (did you mean 'max_retries'?)"],
+        ),
         ({"kind": "process"}, ["kind 'process' needs field 'command'"]),
-        ({"kind": "modal", "app": "a", "function": "f", "server": "s"},
-         ["both 'function' and 'server'"]),
+        (
+            {"kind": "modal", "app": "a", "function": "f", "server": "s"},
+            ["both 'function' and 'server'"],
+        ),
         ({"kind": "Modal"}, ["unknown kind 'Modal' (did you mean 'modal'?)"]),
         ({"model": "m"}, ["no 'kind' in src"]),
     ],
@@ -120,8 +140,11 @@ def test_validate_rejects(table: dict[str, Any], fragments: list[str]) -> None:
 
 
 def test_every_field_is_valid_for_some_kind_and_every_kind_has_fields() -> None:
-    assert set(FIELD_KINDS) == {f for f in Platform.__dataclass_fields__
-                                if f not in ("name", "source", "preflight", "base_dir")} | {"kind"}
+    assert set(FIELD_KINDS) == {
+        f
+        for f in Platform.__dataclass_fields__
+        if f not in ("name", "source", "preflight", "base_dir")
+    } | {"kind"}
     for kinds in FIELD_KINDS.values():
         assert set(kinds) <= set(KINDS)
 
@@ -136,8 +159,14 @@ def test_a_base_url_with_a_variable_is_checked_after_expansion_only() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://h/v1", "https://h", "https://h/", "http://127.0.0.1:8000/v1/",
-     "https://org--app-serve.modal.run/v1", "http://h/prefix/v1"],
+    [
+        "http://h/v1",
+        "https://h",
+        "https://h/",
+        "http://127.0.0.1:8000/v1/",
+        "https://org--app-serve.modal.run/v1",
+        "http://h/prefix/v1",
+    ],
 )
 def test_check_base_url_accepts(url: str) -> None:
     check_base_url("p", url, "here")
@@ -225,7 +254,9 @@ def test_builtins_only_without_files(tmp_path: Path) -> None:
 
 
 def test_pyproject_replaces_builtins_and_config_file_replaces_pyproject(tmp_path: Path) -> None:
-    write(tmp_path / "pyproject.toml", """
+    write(
+        tmp_path / "pyproject.toml",
+        """
 [project]
 name = "x"
 
@@ -239,8 +270,11 @@ base_url = "http://pyproject/v1"
 
 [tool.modal-vllm.platforms.only-pyproject]
 kind = "stub"
-""")
-    write(tmp_path / "conf" / "extra.toml", """
+""",
+    )
+    write(
+        tmp_path / "conf" / "extra.toml",
+        """
 [platforms.mine]
 kind = "stub"
 model = "from-config"
@@ -248,7 +282,8 @@ model = "from-config"
 [platforms.modal-qwen]
 kind = "url"
 base_url = "http://config/v1"
-""")
+""",
+    )
     known = load_platforms(tmp_path, str(tmp_path / "conf" / "extra.toml"))
     assert (known["stub"].kind, known["stub"].source) == ("url", "pyproject.toml")
     assert (known["mine"].kind, known["mine"].model) == ("stub", "from-config")
@@ -269,9 +304,12 @@ def test_config_file_relative_to_rootdir(tmp_path: Path, monkeypatch: pytest.Mon
     assert known["x"].source == "extra.toml"
 
 
-def test_relative_paths_resolve_against_the_defining_file(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path / "pyproject.toml", """
+def test_relative_paths_resolve_against_the_defining_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(
+        tmp_path / "pyproject.toml",
+        """
 [tool.modal-vllm.platforms.a]
 kind = "stub"
 script = "rules/a.toml"
@@ -280,16 +318,20 @@ script = "rules/a.toml"
 kind = "modal"
 app = "x"
 modal_app = "apps/server.py"
-""")
-    write(tmp_path / "conf" / "extra.toml", f"""
+""",
+    )
+    write(
+        tmp_path / "conf" / "extra.toml",
+        f"""
 [platforms.b]
 kind = "stub"
 script = "b.toml"
 
 [platforms.c]
 kind = "stub"
-script = "{tmp_path / 'abs.toml'}"
-""")
+script = "{tmp_path / "abs.toml"}"
+""",
+    )
     monkeypatch.chdir(tmp_path / "conf")  # the current directory does not matter
     known = load_platforms(tmp_path, str(tmp_path / "conf" / "extra.toml"))
     a, b, c, m = known["a"], known["b"], known["c"], known["m"]
@@ -347,8 +389,12 @@ def test_select_unknown_names_the_closest_and_the_known_ones() -> None:
 def test_builtins_have_the_documented_kinds_and_capabilities() -> None:
     known = builtin_platforms()
     assert {name: p.kind for name, p in known.items()} == {
-        "stub": "stub", "local": "process", "env": "url", "modal-llama": "modal",
-        "modal-qwen": "modal"}
+        "stub": "stub",
+        "local": "process",
+        "env": "url",
+        "modal-llama": "modal",
+        "modal-qwen": "modal",
+    }
     assert {"tools", "json_schema", "streaming"} <= set(known["modal-qwen"].capabilities)
     assert {"tools", "streaming"} <= set(known["stub"].capabilities)
     assert "tools" not in known["modal-llama"].capabilities

@@ -218,3 +218,33 @@ def test_collect_only_wakes_nothing(llm_suite, endpoint_server, write_platforms)
     result = llm_suite.runpytest("--vllm-platform=p", "--collect-only", "-q")
     assert result.ret == 0
     assert server.stats.requests == {}
+
+
+def test_stacked_markers_combine(pytester, endpoint_server, write_platforms):
+    server = endpoint_server()
+    write_platforms(
+        {"plain": {"kind": "url", "base_url": server.base_url, "capabilities": ["streaming"]}}
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        pytestmark = pytest.mark.vllm_requires("tools")
+
+        @pytest.mark.vllm_requires("streaming")
+        def test_needs_both(vllm_endpoint):
+            pass
+
+        @pytest.mark.vllm_platforms("plain", "stub")
+        @pytest.mark.vllm_platforms("stub")
+        def test_only_stub_twice(vllm_platform):
+            pass
+        """
+    )
+    result = pytester.runpytest("--vllm-platform=plain", "-rs", "-p", "no:asyncio")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*lacks capability tools*",
+            "*runs only on stub (this run: plain)*",
+        ]
+    )

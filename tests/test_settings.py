@@ -20,12 +20,25 @@ from pytest_modal_vllm.settings import (
     resolve,
 )
 
-FAST = ("-p", "no:asyncio", "-p", "no:cacheprovider", "-p", "no:langsmith_plugin",
-        "-p", "no:anyio", "-p", "no:xdist")
+FAST = (
+    "-p",
+    "no:asyncio",
+    "-p",
+    "no:cacheprovider",
+    "-p",
+    "no:langsmith_plugin",
+    "-p",
+    "no:anyio",
+    "-p",
+    "no:xdist",
+)
 
 
-def run(cli: dict[str, Any] | None = None, ini: dict[str, Any] | None = None,
-        env: dict[str, str] | None = None) -> Any:
+def run(
+    cli: dict[str, Any] | None = None,
+    ini: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Any:
     return resolve(cli or {}, ini or {}, env or {})
 
 
@@ -113,11 +126,15 @@ def test_an_empty_ini_value_is_kept_only_for_the_env_file() -> None:
     ("cli", "env", "ini", "expected", "source"),
     [
         (["stub"], None, None, ["stub"], "command line"),
-        (["stub,local", "env stub", "local"], None, None, ["stub", "local", "env"],
-         "command line"),
+        (["stub,local", "env stub", "local"], None, None, ["stub", "local", "env"], "command line"),
         ([" a , b,,a "], None, None, ["a", "b"], "command line"),
-        (None, "modal-qwen, stub,modal-qwen", None, ["modal-qwen", "stub"],
-         "env MODAL_VLLM_PLATFORM"),
+        (
+            None,
+            "modal-qwen, stub,modal-qwen",
+            None,
+            ["modal-qwen", "stub"],
+            "env MODAL_VLLM_PLATFORM",
+        ),
         (None, None, "stub local\nstub", ["stub", "local"], "ini vllm_platform"),
         (None, None, ["stub", "local,env"], ["stub", "local", "env"], "ini vllm_platform"),
         (["stub"], "local", "env", ["stub"], "command line"),
@@ -140,14 +157,20 @@ def test_platform_names_split_and_deduplicated(cli, env, ini, expected, source) 
 @pytest.mark.parametrize(
     ("ini", "env", "fragment"),
     [
-        ({}, {"MODAL_VLLM_WAKE_TIMEOUT": "abc"},
-         "environment variable MODAL_VLLM_WAKE_TIMEOUT: 'abc' is not a number of seconds"),
+        (
+            {},
+            {"MODAL_VLLM_WAKE_TIMEOUT": "abc"},
+            "environment variable MODAL_VLLM_WAKE_TIMEOUT: 'abc' is not a number of seconds",
+        ),
         ({}, {"MODAL_VLLM_WAKE_TIMEOUT": "-3"}, "'-3' must be a positive number of seconds"),
         ({}, {"MODAL_VLLM_WAKE_TIMEOUT": "nan"}, "'nan' must be a positive number"),
         ({}, {"MODAL_VLLM_WAKE_TIMEOUT": "inf"}, "'inf' must be a positive number"),
-        ({}, {"MODAL_VLLM_KEEP_ALIVE": "always"},
-         "environment variable MODAL_VLLM_KEEP_ALIVE is 'always', which is not one of ping, "
-         "autoscaler, off"),
+        (
+            {},
+            {"MODAL_VLLM_KEEP_ALIVE": "always"},
+            "environment variable MODAL_VLLM_KEEP_ALIVE is 'always', which is not one of ping, "
+            "autoscaler, off",
+        ),
         ({"vllm_unavailable": "nope"}, {}, "ini vllm_unavailable is 'nope'"),
         ({"vllm_wake_timeout": "0"}, {}, "ini vllm_wake_timeout: '0' must be a positive"),
         ({"vllm_keep_alive": ["ping"]}, {}, "ini vllm_keep_alive is a list"),
@@ -162,8 +185,9 @@ def test_bad_environment_and_ini_values_are_config_errors(ini, env, fragment) ->
 
 
 def test_a_bad_value_is_not_checked_when_a_higher_source_wins() -> None:
-    settings = run({"wake_timeout": 3.0}, {"vllm_wake_timeout": "abc"},
-                   {"MODAL_VLLM_WAKE_TIMEOUT": "abc"})
+    settings = run(
+        {"wake_timeout": 3.0}, {"vllm_wake_timeout": "abc"}, {"MODAL_VLLM_WAKE_TIMEOUT": "abc"}
+    )
     assert settings["wake_timeout"] == 3.0
 
 
@@ -188,9 +212,12 @@ def test_effective_uses_kind_defaults_without_anything_else() -> None:
         "keep_alive": ("ping", "modal default"),
     }
     assert settings.effective(Platform(name="s", kind="stub"))["wake_timeout"] == (
-        30.0, "stub default")
+        30.0,
+        "stub default",
+    )
     assert settings.effective(Platform(name="p", kind="process", command=("x",)))[
-        "wake_timeout"] == (300.0, "process default")
+        "wake_timeout"
+    ] == (300.0, "process default")
 
 
 def test_effective_platform_field_beats_kind_default() -> None:
@@ -204,16 +231,36 @@ def test_effective_platform_field_beats_kind_default() -> None:
 @pytest.mark.parametrize(
     ("cli", "env", "ini", "expected"),
     [
-        ({"wake_timeout": 5.0, "keep_alive": "off"}, {}, {},
-         {"wake_timeout": (5.0, "command line"), "keep_alive": ("off", "command line")}),
-        ({}, {"MODAL_VLLM_WAKE_TIMEOUT": "6", "MODAL_VLLM_KEEP_ALIVE": "off"}, {},
-         {"wake_timeout": (6.0, "env MODAL_VLLM_WAKE_TIMEOUT"),
-          "keep_alive": ("off", "env MODAL_VLLM_KEEP_ALIVE")}),
-        ({}, {}, {"vllm_wake_timeout": "7", "vllm_keep_alive": "off"},
-         {"wake_timeout": (7.0, "ini vllm_wake_timeout"),
-          "keep_alive": ("off", "ini vllm_keep_alive")}),
-        ({"wake_timeout": 5.0}, {}, {"vllm_keep_alive": "off"},
-         {"wake_timeout": (5.0, "command line"), "keep_alive": ("off", "ini vllm_keep_alive")}),
+        (
+            {"wake_timeout": 5.0, "keep_alive": "off"},
+            {},
+            {},
+            {"wake_timeout": (5.0, "command line"), "keep_alive": ("off", "command line")},
+        ),
+        (
+            {},
+            {"MODAL_VLLM_WAKE_TIMEOUT": "6", "MODAL_VLLM_KEEP_ALIVE": "off"},
+            {},
+            {
+                "wake_timeout": (6.0, "env MODAL_VLLM_WAKE_TIMEOUT"),
+                "keep_alive": ("off", "env MODAL_VLLM_KEEP_ALIVE"),
+            },
+        ),
+        (
+            {},
+            {},
+            {"vllm_wake_timeout": "7", "vllm_keep_alive": "off"},
+            {
+                "wake_timeout": (7.0, "ini vllm_wake_timeout"),
+                "keep_alive": ("off", "ini vllm_keep_alive"),
+            },
+        ),
+        (
+            {"wake_timeout": 5.0},
+            {},
+            {"vllm_keep_alive": "off"},
+            {"wake_timeout": (5.0, "command line"), "keep_alive": ("off", "ini vllm_keep_alive")},
+        ),
     ],
 )
 def test_effective_options_beat_the_platform_field(cli, env, ini, expected) -> None:
@@ -306,12 +353,14 @@ def test_dotenv_in_rootdir_selects_the_platform_and_provides_the_key(
 
     result = pytester.runpytest_subprocess(*FAST, "-s")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
-        "vllm: stub -> http://127.0.0.1:*/v1 model=stub woke in *",
-        "vllm: stub wake_timeout=8 (env MODAL_VLLM_WAKE_TIMEOUT)*",
-        "*KEY True key-from-file",
-        "ONLY yes",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "vllm: stub -> http://127.0.0.1:*/v1 model=stub woke in *",
+            "vllm: stub wake_timeout=8 (env MODAL_VLLM_WAKE_TIMEOUT)*",
+            "*KEY True key-from-file",
+            "ONLY yes",
+        ]
+    )
 
     # Variables already set in the environment win over the file; the command line wins over
     # both.
@@ -319,10 +368,12 @@ def test_dotenv_in_rootdir_selects_the_platform_and_provides_the_key(
     monkeypatch.setenv("MODAL_VLLM_WAKE_TIMEOUT", "7")
     result = pytester.runpytest_subprocess(*FAST, "-s")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
-        "vllm: stub wake_timeout=7 (env MODAL_VLLM_WAKE_TIMEOUT)*",
-        "*KEY True key-from-environment",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "vllm: stub wake_timeout=7 (env MODAL_VLLM_WAKE_TIMEOUT)*",
+            "*KEY True key-from-environment",
+        ]
+    )
     result = pytester.runpytest_subprocess(*FAST, "-s", "--vllm-wake-timeout=6")
     result.stdout.fnmatch_lines(["vllm: stub wake_timeout=6 (command line)*"])
 
@@ -334,8 +385,9 @@ def test_dotenv_in_rootdir_selects_the_platform_and_provides_the_key(
     assert "PYTEST_MODAL_VLLM_ONLY_IN_FILE" not in os.environ  # this process is untouched
 
 
-def test_env_file_named_in_the_environment_is_read(pytester: pytest.Pytester,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_file_named_in_the_environment_is_read(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytester.path.joinpath("ci.env").write_text("MODAL_VLLM_PLATFORM=stub\n")
     pytester.path.joinpath(".env").write_text("MODAL_VLLM_PLATFORM=nope\n")  # not read
     pytester.makepyfile(

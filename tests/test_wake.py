@@ -126,7 +126,8 @@ def test_classify_connection_refused_is_not_ready() -> None:
 
 def test_classify_timeouts_are_not_ready() -> None:
     assert classify("health", None, error=httpx.ConnectTimeout("timed out")).label == (
-        "connect timed out")
+        "connect timed out"
+    )
     read = classify("health", None, error=httpx.ReadTimeout("timed out"))
     assert read == Outcome(Verdict.NOT_READY, "timed out")
 
@@ -177,8 +178,9 @@ def test_classify_https_to_a_plain_server_is_a_tls_config_error(endpoint_server)
 
 def request(server: StubServer | str, timeout: float = 10.0, **fields: Any) -> WakeRequest:
     base = server if isinstance(server, str) else server.base_url
-    return WakeRequest(platform=fields.pop("platform", "p"), base_url=base, timeout=timeout,
-                       **fields)
+    return WakeRequest(
+        platform=fields.pop("platform", "p"), base_url=base, timeout=timeout, **fields
+    )
 
 
 def timed(call: Callable[[], Any]) -> tuple[Any, float]:
@@ -295,8 +297,9 @@ def test_proxy_auth_missing_and_wrong(endpoint_server) -> None:
     missing = timed(Waker(request(server)).run)[0]
     assert isinstance(missing, ConfigError)
     assert "Modal proxy auth is required" in str(missing)
-    wrong = timed(Waker(request(server, headers={"Modal-Key": PROXY_KEY,
-                                                 "Modal-Secret": "nope"})).run)[0]
+    wrong = timed(
+        Waker(request(server, headers={"Modal-Key": PROXY_KEY, "Modal-Secret": "nope"})).run
+    )[0]
     assert isinstance(wrong, ConfigError)
     assert "proxy auth token was rejected" in str(wrong)
     assert PROXY_SECRET not in str(wrong)
@@ -365,12 +368,17 @@ def test_wake_state_line() -> None:
 
 
 def test_wake_all_wakes_concurrently(endpoint_server) -> None:
-    servers = [endpoint_server(cold_start=c, cold_style="503", model=f"m{i}")
-               for i, c in enumerate((0.5, 1.0, 1.5))]
+    servers = [
+        endpoint_server(cold_start=c, cold_style="503", model=f"m{i}")
+        for i, c in enumerate((0.5, 1.0, 1.5))
+    ]
     seen: list[list[str]] = []
     requests = [request(s, platform=f"p{i}") for i, s in enumerate(servers)]
-    results, seconds = timed(lambda: wake_all(
-        requests, on_progress=lambda states: seen.append([s.platform for s in states])))
+    results, seconds = timed(
+        lambda: wake_all(
+            requests, on_progress=lambda states: seen.append([s.platform for s in states])
+        )
+    )
     assert seconds < 1.5 + 1.0  # the longest cold start plus slack, not the sum (3 s)
     assert {name: r.model for name, r in results.items()} == {"p0": "m0", "p1": "m1", "p2": "m2"}
     assert all(isinstance(r, WakeResult) and r.cold for r in results.values())
@@ -390,9 +398,12 @@ def test_wake_all_keeps_every_outcome_without_fail_fast(endpoint_server) -> None
 def test_wake_all_fail_fast_cancels_the_others(endpoint_server) -> None:
     keyed = endpoint_server(api_key=API_KEY)
     never = endpoint_server(cold_start=3600, cold_style="503")
-    results, seconds = timed(lambda: wake_all(
-        [request(keyed, platform="keyed"), request(never, timeout=30.0, platform="never")],
-        fail_fast=True))
+    results, seconds = timed(
+        lambda: wake_all(
+            [request(keyed, platform="keyed"), request(never, timeout=30.0, platform="never")],
+            fail_fast=True,
+        )
+    )
     assert seconds < 5
     assert isinstance(results["keyed"], ConfigError)
     assert isinstance(results["never"], UnavailableError)

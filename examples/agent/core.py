@@ -43,6 +43,8 @@ def visible_text(message: BaseMessage) -> str:
             block if isinstance(block, str) else str(block.get("text", "")) for block in content
         )
     text = _THINK.sub("", content)
+    if "</think>" in text:  # the chat template opened the block, the reply only closes it
+        text = text.rsplit("</think>", 1)[1]
     if "<think>" in text:  # cut off (max_tokens) while still thinking
         text = text.split("<think>", 1)[0]
     return text.strip()

@@ -40,7 +40,7 @@ def evaluate(expression: str) -> int | float:
 
     Parsed with `ast`, never `eval`: names, calls, attributes and everything else are refused.
     """
-    text = expression.strip().replace("^", "**")
+    text = expression.strip().replace("^", "**").replace("\u00d7", "*").replace("\u00f7", "/")
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,234 -> 1234
     if not text:
         raise CalculatorError("empty expression")

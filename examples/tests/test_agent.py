@@ -42,7 +42,9 @@ def assert_well_formed(result: AgentResult) -> None:
     for call in result.tool_calls:
         assert call.name in TOOL_NAMES
         SCHEMAS[call.name].model_validate(call.args)  # type: ignore[union-attr]
-        assert not call.result.startswith("error:"), call
+    # A model may make a mistake and recover (the tool's error goes back to it), not fail always.
+    if result.tool_calls:
+        assert any(not call.result.startswith("error:") for call in result.tool_calls)
 
 
 pytestmark = pytest.mark.vllm_requires("tools")

@@ -16,6 +16,7 @@ from agent import CalculatorError, calculator, evaluate, find_fact, lookup
         ("7 / 2", 3.5),
         ("-4 + 1,000", 996),
         ("17 // 5 + 17 % 5", 5),
+        ("6 \u00d7 7 \u00f7 2", 21),
     ],
 )
 def test_evaluate(expression: str, expected: float) -> None:
