@@ -12,6 +12,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+# httpx/httpx2 import httpcore/httpcore2 lazily; in-process pytester runs restore sys.modules
+# afterwards, so a first import inside such a run would leave two copies of their exception
+# classes and break httpx's error mapping for later tests. Import them once, up front.
+import httpcore  # noqa: F401
+import httpcore2  # noqa: F401
 import pytest
 
 from pytest_modal_vllm.stub_server import Behaviour, StubServer

@@ -32,7 +32,8 @@ def test_url_platform_woken_after_refusing_start(llm_suite, endpoint_server, wri
 
 
 def test_url_platform_woken_through_held_requests(llm_suite, endpoint_server, write_platforms):
-    server = endpoint_server(cold_start=2.0, cold_style="hold")
+    server = endpoint_server(cold_start=2.0, cold_style="hold", scaledown_window=60)
+    server.scale_to_zero()  # the first probe boots it: the hold starts with the wake
     write_platforms({"held": {"kind": "url", "base_url": server.base_url}})
     result = llm_suite.runpytest("--vllm-platform=held", "-p", "no:asyncio")
     result.assert_outcomes(passed=2)
