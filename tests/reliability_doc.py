@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_bad_input import BAD_INPUTS  # noqa: E402
-from test_faults import FAULTS  # noqa: E402
-from test_shutdown import PHASES, SIGNALS  # noqa: E402
+from test_bad_input import BAD_INPUTS
+from test_faults import FAULTS
+from test_shutdown import PHASES, SIGNALS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 
