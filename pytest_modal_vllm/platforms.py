@@ -406,6 +406,9 @@ def builtin_platforms() -> dict[str, Platform]:
                 "MODEL_NAME": BUNDLED_QWEN,
                 "APP_NAME": "modal-vllm-qwen",
                 "TOOL_CALL_PARSER": "hermes",
+                # Qwen3 thinks aloud: the parser moves <think> blocks out of `content`, so
+                # tests see only the answer.
+                "VLLM_ARGS": "--reasoning-parser qwen3",
             },
             capabilities=full,
         ),
