@@ -415,11 +415,12 @@ def test_503_until_ready(serve: Callable[..., StubServer]) -> None:
 
 
 def test_refuse_then_503_then_ready_in_that_order(serve: Callable[..., StubServer]) -> None:
-    # The one test driven by the clock alone: 0.8 s refusing, then 0.8 s answering 503.
-    server = serve(behaviour=Behaviour(cold_start=1.6))  # the default style
+    # The one test driven by the clock alone: 1 s refusing, then 1 s answering 503. The client
+    # is built first: on a loaded machine that alone can take longer than a phase.
     seen: list[str] = []
-    deadline = time.monotonic() + 10
     with httpx.Client(timeout=2) as http:
+        server = serve(behaviour=Behaviour(cold_start=2.0))  # the default style
+        deadline = time.monotonic() + 10
         while (not seen or seen[-1] != "200") and time.monotonic() < deadline:
             try:
                 outcome = str(http.get(f"{server.root_url}/health").status_code)
@@ -553,7 +554,8 @@ def test_scaledown_window_emulates_modal(serve: Callable[..., StubServer]) -> No
     server = serve(behaviour=Behaviour(cold_start=0.3, cold_style="hold", scaledown_window=0.3))
     client = client_for(server)
     client.chat.completions.create(model="stub", messages=USER)  # held through the cold start
-    assert server.stats.cold_starts == 1
+    # 1, or 2 on a machine so loaded that the first container idled out before the request.
+    boots = server.stats.cold_starts
     wait_for(lambda: server.state == "down")
     assert server.stats.ready_at is None
     billed = server.stats.billed_seconds()
@@ -565,7 +567,7 @@ def test_scaledown_window_emulates_modal(serve: Callable[..., StubServer]) -> No
     # 503 (the new container may already have scaled down again when the test looks).
     answered = client.chat.completions.create(model="stub", messages=USER)
     assert answered.choices[0].message.content == "echo: hello there world"
-    assert server.stats.cold_starts == 2
+    assert server.stats.cold_starts == boots + 1
     assert server.stats.container_seconds > billed
 
 
