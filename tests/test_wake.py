@@ -200,7 +200,7 @@ def test_warm_endpoint_is_ready_at_once_and_warm(endpoint_server) -> None:
     server = endpoint_server(model="m1")
     result = Waker(request(server)).run()
     assert result == WakeResult(model="m1", seconds=result.seconds, cold=False, probes=2)
-    assert result.seconds < 2
+    assert result.seconds < 5
 
 
 @pytest.mark.parametrize("style", ["refuse", "503", "refuse-then-503"])
@@ -209,7 +209,7 @@ def test_polling_styles_wait_through_the_cold_start(endpoint_server, style: str)
     result = Waker(request(server)).run()
     assert result.cold is True
     assert result.model == "stub"
-    assert 0.8 <= result.seconds < 3.0
+    assert 0.8 <= result.seconds < 5.0
     assert result.probes > 2  # it polled
 
 
@@ -217,7 +217,7 @@ def test_hold_style_is_waited_for_with_few_probes(endpoint_server) -> None:
     server = endpoint_server(cold_start=1.5, cold_style="hold")
     result = Waker(request(server)).run()
     assert result.cold is True
-    assert 1.2 <= result.seconds < 3.5
+    assert 1.2 <= result.seconds < 5.0
     assert result.probes <= 3
     assert server.stats.requests.get("/health", 0) <= 2
 
@@ -276,7 +276,7 @@ def test_wrong_key_is_a_config_error_naming_the_variable(endpoint_server) -> Non
     assert f"{server.base_url}/models answered 401: the key in MY_KEY was rejected" in text
     assert "Fix: set MY_KEY to the API key the server was started with" in text
     assert "sk-wrong" not in text
-    assert seconds < 2
+    assert seconds < 5
 
 
 def test_missing_key_says_which_variable_to_set(endpoint_server) -> None:
@@ -341,7 +341,7 @@ def test_failure_callback_stops_the_wake_at_once(endpoint_server) -> None:
     error, seconds = timed(Waker(request(server, timeout=30.0, failure=failure)).run)
     assert isinstance(error, UnavailableError)
     assert "the server process died while waking: exit code 1" in str(error)
-    assert seconds < 3  # well before the 30 s timeout
+    assert seconds < 5  # well before the 30 s timeout
 
 
 def test_cancel_stops_the_wake(endpoint_server) -> None:
@@ -351,7 +351,7 @@ def test_cancel_stops_the_wake(endpoint_server) -> None:
     error, seconds = timed(Waker(request(server, timeout=30.0), cancel=cancel).run)
     assert isinstance(error, UnavailableError)
     assert "cancelled" in str(error)
-    assert seconds < 3
+    assert seconds < 5
 
 
 def test_wake_state_line() -> None:
