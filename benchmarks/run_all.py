@@ -18,6 +18,7 @@ import client_overhead
 import concurrent_wake
 import gpu_cost
 import idle_overhead
+import vllm_cpu
 import wake_lag
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -103,6 +104,17 @@ def main() -> None:
                 "(scaled to minutes)",
             )
         )
+    real = vllm_cpu.main()
+    rows.append(
+        (
+            "Real vLLM server (vllm-cpu 0.32, SmolLM2-135M, `--enforce-eager`)",
+            "spawn by the `process` provider; reference poller every 10 ms beside the "
+            "plugin's wake",
+            f"cold start {real['cold_start_s']:.1f} s",
+            f"the plugin noticed {real['plugin_lag_s'] * 1000:.0f} ms after the reference "
+            "(includes its /v1/models check)",
+        )
+    )
     lines = [
         "# Benchmarks",
         "",
