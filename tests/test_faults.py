@@ -121,7 +121,16 @@ def test_fault(case: Fault, pytester, endpoint_server, write_platforms, tmp_path
         # After test_0, a test drops a file; a thread here (the server lives in this process)
         # sees it and kills the server for good.
         suite = pytester.path.joinpath("test_faults.py")
-        kill = f"def test_0_kill():\n    open({str(tmp_path / 'kill')!r}, 'w').close()\n\n"
+        kill = (
+            "def test_0_kill():\n"
+            f"    open({str(tmp_path / 'kill')!r}, 'w').close()\n"
+            "    import socket, time\n"
+            "    for _ in range(250):  # until the server refuses connections\n"
+            f"        with socket.socket() as s:\n"
+            f"            if s.connect_ex(('127.0.0.1', {server.port})):\n"
+            "                break\n"
+            "        time.sleep(0.02)\n\n"
+        )
         suite.write_text(suite.read_text().replace("def test_1(", kill + "def test_1("))
     elif case.id == "process-crash":
         write_platforms(

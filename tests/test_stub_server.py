@@ -61,11 +61,24 @@ def serve() -> Iterator[Callable[..., StubServer]]:
         server.stop()
 
 
+_open_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close the openai clients a test made, so no client socket outlives the test."""
+    yield
+    while _open_clients:
+        _open_clients.pop().close()
+
+
 def client_for(server: StubServer, **kwargs: Any) -> openai.OpenAI:
     kwargs.setdefault("api_key", "unused")
     kwargs.setdefault("max_retries", 0)
     kwargs.setdefault("timeout", 10)
-    return openai.OpenAI(base_url=server.base_url, **kwargs)
+    client = openai.OpenAI(base_url=server.base_url, **kwargs)
+    _open_clients.append(client)
+    return client
 
 
 def refused(server: StubServer) -> bool:
@@ -739,30 +752,29 @@ def test_python_m_entry_point(tmp_path: Path, signum: int) -> None:
         "--api-key",
         "k",
     ]
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
-    )
-    watchdog = threading.Timer(20, proc.kill)  # a hung child must not hang the suite
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("stub server ready at http://127.0.0.1:")
-        assert line.endswith("/v1")
-        base_url = line.removeprefix("stub server ready at ")
-        client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=10)
-        result = client.chat.completions.create(model="child", messages=USER)
-        assert result.choices[0].message.content == "scripted"
-        proc.send_signal(signum)
-        assert proc.wait(10) == 0
-        assert proc.stdout.read() == ""
-        assert proc.stderr is not None
-        assert proc.stderr.read() == ""
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:
+        watchdog = threading.Timer(20, proc.kill)  # a hung child must not hang the suite
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            line = proc.stdout.readline().strip()
+            assert line.startswith("stub server ready at http://127.0.0.1:")
+            assert line.endswith("/v1")
+            base_url = line.removeprefix("stub server ready at ")
+            with openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=10) as client:
+                result = client.chat.completions.create(model="child", messages=USER)
+            assert result.choices[0].message.content == "scripted"
+            proc.send_signal(signum)
+            assert proc.wait(10) == 0
+            assert proc.stdout.read() == ""
+            assert proc.stderr.read() == ""
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_python_m_bad_script_fails_cleanly(tmp_path: Path) -> None:
