@@ -79,11 +79,20 @@ def platform_rows(platforms: Mapping[str, Platform]) -> list[dict[str, str]]:
             "name": p.name,
             "kind": p.kind,
             "source": p.source,
-            "model": p.model or "(first served)",
+            "model": _model_label(p.model),
             "target": p.target(),
         }
         for p in sorted(platforms.values(), key=lambda p: p.name)
     ]
+
+
+def _model_label(model: str | None) -> str:
+    """The model for listings: `${VLLM_MODEL:-}` reads as "VLLM_MODEL or first served"."""
+    if not model:
+        return "(first served)"
+    if model.startswith("${") and model.endswith(":-}"):
+        return f"({model[2:-3]} or first served)"
+    return model
 
 
 def platform_table(platforms: Mapping[str, Platform]) -> list[str]:

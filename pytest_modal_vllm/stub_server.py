@@ -72,6 +72,8 @@ class Behaviour:
     #: Seconds unready after `start()` (and after each scale-to-zero wake-up).
     cold_start: float = 0.0
     #: "refuse" | "503" | "hold" | "refuse-then-503" (refuse the first half, then 503).
+    #: Refusing applies to the first boot only; a wake-up after scale-to-zero answers 503
+    #: (or holds, with "hold"), as Modal's always-up proxy does.
     cold_style: str = "refuse-then-503"
     #: A request held longer than this gets `303 See Other` to `/__result/<id>` (Modal: 150 s).
     redirect_after: float | None = None
@@ -232,7 +234,19 @@ class Rule:
 
 
 def load_script(path: str | os.PathLike[str]) -> list[Rule]:
-    """Read and validate a TOML rules file; raise `ValueError` with a one-line message."""
+    """Read and validate a TOML rules file; raise `ValueError` with a one-line message.
+
+    The file holds `[[rules]]` tables, tried in order, first match wins::
+
+        [[rules]]
+        match = "weather in (\\\\w+)"  # regex searched case-insensitively; omitted: anything
+        role = "user"                # role of the last message: "user" (default) or "tool"
+        reply = "Sunny in {1}."      # {0}, {1}.. groups, {name} named groups, {last} content
+        # or: tool_call = { name = "get_weather", arguments = { city = "{1}" } }
+
+    A `tool_call` rule only fires when the request offers tools (and `tool_choice` is not
+    "none"): a model cannot call a tool it was not given.
+    """
     # tomllib is 3.11+; on 3.10 the `tomli` backport (a declared dependency there) has the same
     # API. Imported by name so mypy is clean whether or not the backport is installed.
     tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
@@ -538,8 +552,6 @@ class StubServer:
         # requests and the clock thread re-check at once instead of polling.
         self._cond = threading.Condition()
         self._state = _NEW
-        # Requests held during a boot wait in "hold" style; other styles answer 503.
-        self._boot_style = "hold" if self.behaviour.cold_style == "hold" else "503"
         self._listen_at = 0.0
         self._ready_deadline = 0.0
         self._inflight = 0
@@ -968,7 +980,9 @@ class StubServer:
                 if self._state != _BOOTING:
                     # Stopped: answer 503 and close; dead: the connection just drops.
                     raise _Gone(stopped=self._state == _STOPPED)
-                if self._boot_style == "503":
+                # Once listening, every style but "hold" answers 503 during a boot ("refuse" only
+                # applies to the first one; read live, so a test may switch styles between boots).
+                if self.behaviour.cold_style != "hold":
                     return "503"
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:

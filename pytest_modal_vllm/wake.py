@@ -148,7 +148,7 @@ def classify(
                 Verdict.CONFIG,
                 f"{status} proxy auth",
                 problem=f"the endpoint answered {status}: Modal proxy auth is required",
-                fix="set proxy_auth = true on the platform and export MODAL_PROXY_TOKEN_ID and "
+                fix="use a modal platform with proxy_auth = true and export MODAL_PROXY_TOKEN_ID and "
                 "MODAL_PROXY_TOKEN_SECRET",
             )
         return Outcome(Verdict.CONFIG, f"{status}", problem=f"{phase} answered {status}")
@@ -331,7 +331,7 @@ class Waker:
             raise UnavailableError("the wake was cancelled", "")
         if time.monotonic() >= deadline:
             raise UnavailableError(
-                f"{request.root_url} did not become ready within {request.timeout:.0f}s "
+                f"{request.root_url} did not become ready within {request.timeout:g}s "
                 f"(last answer: {self.state.last})",
                 "raise wake_timeout / --vllm-wake-timeout for slow cold starts, check that the "
                 "endpoint is deployed and healthy, or pass --vllm-unavailable=skip",
