@@ -13,7 +13,7 @@ Settings are environment variables read when this file is imported (at deploy ti
 
 =========================  ===================================================================
 `MODEL_NAME`               Hugging Face model id (`RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8`)
-`MODEL_REVISION`           commit/branch/tag to load; the bundled models are pinned by default
+`MODEL_REVISION`           commit/branch/tag to load (the default branch unless set)
 `APP_NAME`                 Modal app name: `modal-vllm-llama` for the default model, else
                            `modal-vllm-<model slug>` (`Qwen/Qwen3-8B-FP8` gives
                            `modal-vllm-qwen3-8b-fp8`)
@@ -64,12 +64,11 @@ PYTHON_VERSION = "3.12"
 VLLM_PORT = 8000
 MINUTES = 60
 
-# Pinned revisions of the bundled models, so a repository update cannot change what a test
-# suite talks to. `MODEL_REVISION` overrides them (`MODEL_REVISION=main` follows the branch).
-KNOWN_REVISIONS = {
-    "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8": "12fd6884d2585dd4d020373e7f39f74507b31866",
-    "Qwen/Qwen3-8B-FP8": "220b46e3b2180893580a4454f21f22d3ebb187d3",
-}
+# Revisions to pin per model, so a repository update cannot change what a test suite talks
+# to. Empty on purpose: commit hashes could not be verified from where this was written (no
+# access to the Hugging Face Hub), and a wrong pin breaks every deploy. Pin your own with
+# `MODEL_REVISION=<commit>`; `MODEL_REVISION=main` follows the default branch.
+KNOWN_REVISIONS: dict[str, str] = {}
 
 # Where the container keeps the caches that the Volumes persist.
 HF_CACHE_DIR = "/root/.cache/huggingface"
@@ -138,7 +137,7 @@ class Settings:
     """Everything the Modal app is parameterized by; see the module docstring."""
 
     model_name: str = DEFAULT_MODEL
-    model_revision: str | None = KNOWN_REVISIONS[DEFAULT_MODEL]
+    model_revision: str | None = KNOWN_REVISIONS.get(DEFAULT_MODEL)
     app_name: str = DEFAULT_APP_NAME
     gpu: str = DEFAULT_GPU
     scaledown_window: int = 5 * MINUTES

@@ -56,7 +56,7 @@ def test_defaults_serve_the_llama_model_secured_and_eager() -> None:
 
     cmd = command({})
     assert cmd[:3] == ["vllm", "serve", "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"]
-    assert flag_value(cmd, "--revision") == vs.KNOWN_REVISIONS[settings.model_name]
+    assert "--revision" not in cmd  # no unverified pin: the default branch
     assert flag_value(cmd, "--port") == "8000"
     assert flag_value(cmd, "--host") == "0.0.0.0"
     assert "--enforce-eager" in cmd
@@ -91,9 +91,10 @@ def test_model_and_revision() -> None:
     assert "--revision" not in command({"MODEL_REVISION": "main"})
 
 
-def test_qwen_is_pinned_too() -> None:
+def test_a_known_revision_pins_its_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(vs.KNOWN_REVISIONS, "Qwen/Qwen3-8B-FP8", "feedc0de")
     cmd = command({"MODEL_NAME": "Qwen/Qwen3-8B-FP8"})
-    assert flag_value(cmd, "--revision") == vs.KNOWN_REVISIONS["Qwen/Qwen3-8B-FP8"]
+    assert flag_value(cmd, "--revision") == "feedc0de"
 
 
 @pytest.mark.parametrize(
