@@ -58,6 +58,20 @@ def http_module() -> ModuleType:
     return httpx
 
 
+def prewarm_imports() -> None:
+    """Import openai and langchain_openai in a background thread (about 3 s of imports here),
+    so that a test run pays for them while the wake waits, not after the endpoint is ready."""
+
+    def load() -> None:
+        try:
+            import langchain_openai  # noqa: F401
+            import openai  # noqa: F401
+        except Exception:  # a broken install shows up, clearly, where a client is built
+            pass
+
+    threading.Thread(target=load, name="vllm-prewarm-imports", daemon=True).start()
+
+
 class PlatformDown(Exception):
     """Raised inside the transport when the platform stayed dead through a re-wake."""
 

@@ -15,7 +15,7 @@ import pytest
 
 from . import settings as settings_module
 from .errors import ConfigError, PlatformError
-from .runtime import WORKERINPUT_KEY, WORKEROUTPUT_KEY, Runtime
+from .runtime import CLIENT_FIXTURES, WORKERINPUT_KEY, WORKEROUTPUT_KEY, Runtime
 
 if TYPE_CHECKING:
     import openai
@@ -106,7 +106,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
     import httpx  # noqa: F401  (before the pre-import thread: the wake needs it first)
 
-    _prewarm_client_imports(config)
+    if not getattr(config.option, "numprocesses", None):
+        # xdist workers import their own clients; without xdist, import them during the wait.
+        from .clients import prewarm_imports
+
+        prewarm_imports()
     try:
         runtime.session.start(fail_fast=not skip, on_progress=progress)
     except PlatformError as error:
@@ -120,24 +124,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         progress.finish()
     runtime.endpoints = runtime.session.endpoints
     runtime.unavailable = {name: str(err) for name, err in runtime.session.errors.items()}
-
-
-def _prewarm_client_imports(config: pytest.Config) -> None:
-    """Import openai and langchain_openai in the background while the wake waits, so that the
-    first test does not pay for them after the endpoint is ready (xdist workers import their
-    own; the controller then has no use for them)."""
-    if getattr(config.option, "numprocesses", None) or getattr(config.option, "dist", "no") != "no":
-        return
-    import threading
-
-    def load() -> None:
-        try:
-            import langchain_openai  # noqa: F401
-            import openai  # noqa: F401
-        except Exception:  # a broken install shows up, clearly, where the client is built
-            pass
-
-    threading.Thread(target=load, name="vllm-prewarm-imports", daemon=True).start()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -257,13 +243,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Fail at once, with the cause, a test whose platform stayed dead through a re-wake."""
     runtime = _runtime(item.config)
-    if not runtime.factories or not set(getattr(item, "fixturenames", ())) & {
-        "vllm_endpoint",
-        "openai_client",
-        "async_openai_client",
-        "chat_model",
-        "chat_model_factory",
-    }:
+    if not runtime.factories or not set(getattr(item, "fixturenames", ())) & CLIENT_FIXTURES:
         return
     callspec = getattr(item, "callspec", None)
     name = callspec.params.get("vllm_platform") if callspec is not None else None

@@ -31,6 +31,8 @@ LLM_FIXTURES = frozenset(
         "chat_model_factory",
     }
 )
+# The fixtures that talk to an endpoint (all but the platform name).
+CLIENT_FIXTURES = LLM_FIXTURES - {"vllm_platform"}
 WORKERINPUT_KEY = "modal_vllm"
 WORKEROUTPUT_KEY = "modal_vllm_usage"
 

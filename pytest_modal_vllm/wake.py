@@ -148,8 +148,8 @@ def classify(
                 Verdict.CONFIG,
                 f"{status} proxy auth",
                 problem=f"the endpoint answered {status}: Modal proxy auth is required",
-                fix="use a modal platform with proxy_auth = true and export MODAL_PROXY_TOKEN_ID and "
-                "MODAL_PROXY_TOKEN_SECRET",
+                fix="use a modal platform with proxy_auth = true and export "
+                "MODAL_PROXY_TOKEN_ID and MODAL_PROXY_TOKEN_SECRET",
             )
         return Outcome(Verdict.CONFIG, f"{status}", problem=f"{phase} answered {status}")
     if status == 404 and phase == "models":

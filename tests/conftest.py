@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 # httpx/httpx2 import httpcore/httpcore2 lazily; in-process pytester runs restore sys.modules
@@ -20,6 +21,37 @@ import httpcore2  # noqa: F401
 import pytest
 
 from pytest_modal_vllm.stub_server import Behaviour, StubServer
+
+# Plugins a pytester subprocess run does not need: each costs start-up time (langsmith's, which
+# comes with langchain, most of a second of imports).
+FAST = (
+    "-p",
+    "no:asyncio",
+    "-p",
+    "no:cacheprovider",
+    "-p",
+    "no:langsmith_plugin",
+    "-p",
+    "no:anyio",
+    "-p",
+    "no:xdist",
+)
+
+
+def processes_with(token: str) -> list[int]:
+    """Live processes whose command line contains `token`, read from /proc (zombies have an
+    empty command line, so they do not count)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if token.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
 
 # Secrets used by the tests: the leak checks grep every output for these.
 API_KEY = "sk-test-4f1d9c2b7a"

@@ -28,25 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, assert_no_secrets
+from conftest import API_KEY, FAST, PROXY_KEY, PROXY_SECRET, assert_no_secrets, processes_with
 
 EXIT_CONFIG = 4
 EXIT_UNAVAILABLE = 75
 
-# Keep each subprocess run short: no plugins the cases do not need (langsmith's alone costs
-# most of a second of imports).
-FAST = (
-    "-p",
-    "no:asyncio",
-    "-p",
-    "no:cacheprovider",
-    "-p",
-    "no:langsmith_plugin",
-    "-p",
-    "no:anyio",
-    "-p",
-    "no:xdist",
-)
 WRONG_KEY = "sk-wrong-0c9e1d"
 
 
@@ -365,20 +351,6 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _processes_with(token: str) -> list[int]:
-    """Live processes whose command line contains `token` (zombies have an empty one)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if token.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def _non_daemon_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if not t.daemon}
 
@@ -452,5 +424,5 @@ def test_bad_input(
     # Nothing left running: no child of this process, nothing started with the case's token,
     # no new non-daemon thread here.
     assert _children(os.getpid()) <= children_before
-    assert _processes_with(token) == []
+    assert processes_with(token) == []
     assert _non_daemon_threads() <= threads_before

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, platforms_toml
+from conftest import API_KEY, platforms_toml, processes_with
 
 CLI = (sys.executable, "-m", "pytest_modal_vllm.cli")
 HEADER = re.compile(
@@ -50,18 +50,6 @@ def dead_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-
-
-def processes_with(token: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if token.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def stub_process_platform(token: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FAST
 
 from pytest_modal_vllm.errors import ConfigError
 from pytest_modal_vllm.platforms import Platform
@@ -18,19 +19,6 @@ from pytest_modal_vllm.settings import (
     env_file_path,
     read_env_file,
     resolve,
-)
-
-FAST = (
-    "-p",
-    "no:asyncio",
-    "-p",
-    "no:cacheprovider",
-    "-p",
-    "no:langsmith_plugin",
-    "-p",
-    "no:anyio",
-    "-p",
-    "no:xdist",
 )
 
 

@@ -13,27 +13,12 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+from conftest import processes_with
 
 PHASES = ("wake", "test", "teardown")
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
-
-
-def processes_with(marker: str) -> list[int]:
-    """PIDs whose command line contains `marker` (the process tree, read from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline and "stub_server" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def wait_for(condition, timeout: float = 30.0) -> bool:
@@ -55,9 +40,19 @@ def test_signal_leaves_nothing_running(pytester, write_platforms, tmp_path, phas
             "p": {
                 "kind": "process",
                 "model": marker,
-                "command": [sys.executable, "-m", "pytest_modal_vllm.stub_server", "--port",
-                            "{port}", "--model", "{model}", "--cold-start", str(cold),
-                            "--cold-style", "refuse"],
+                "command": [
+                    sys.executable,
+                    "-m",
+                    "pytest_modal_vllm.stub_server",
+                    "--port",
+                    "{port}",
+                    "--model",
+                    "{model}",
+                    "--cold-start",
+                    str(cold),
+                    "--cold-style",
+                    "refuse",
+                ],
                 "keep_alive": "ping",
                 "keep_alive_interval": 0.2,
             }
@@ -89,8 +84,17 @@ def test_signal_leaves_nothing_running(pytester, write_platforms, tmp_path, phas
         """
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:asyncio", "-p", "no:cacheprovider",
-         "--vllm-platform=p", "-s"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:asyncio",
+            "-p",
+            "no:cacheprovider",
+            "--vllm-platform=p",
+            "-s",
+        ],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
