@@ -1,0 +1,101 @@
+"""`modal-vllm deploy/status/stop/wake` on a modal platform, through the fake Modal adapter and
+the Modal emulator (a StubServer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import platforms_toml
+
+TESTS = Path(__file__).resolve().parent
+
+
+def cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_modal_vllm.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_deploy_status_wake_stop(tmp_path, endpoint_server):
+    server = endpoint_server(cold_start=1.0, cold_style="hold", scaledown_window=30)
+    server.scale_to_zero()  # asleep until the wake
+    (tmp_path / "pyproject.toml").write_text(
+        platforms_toml(
+            {
+                "mine": {
+                    "kind": "modal",
+                    "app": "my-app",
+                    "keep_alive": "off",
+                    "deploy_env": {"MODEL_NAME": "Org/M"},
+                }
+            },
+            "tool.modal-vllm.platforms",
+        )
+    )
+    calls = tmp_path / "calls.jsonl"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTS),
+        "MODAL_VLLM_SDK_ADAPTER": "fake_modal:FakeModal",
+        "FAKE_MODAL_URLS": json.dumps({"my-app/serve": server.root_url}),
+        "FAKE_MODAL_DEPLOYED": "",
+        "FAKE_MODAL_CALLS": str(calls),
+        "FAKE_MODAL_STATE": str(tmp_path / "state.json"),
+    }
+
+    status = cli(tmp_path, env, "status", "mine")
+    assert status.returncode == 0, status.stderr
+    assert "deployed: no" in status.stdout and "modal-vllm deploy mine" in status.stdout
+    assert server.stats.requests == {}  # status wakes nothing
+
+    deploy = cli(tmp_path, env, "deploy", "mine")
+    assert deploy.returncode == 0, deploy.stderr
+    assert "deployed app 'my-app'" in deploy.stdout
+
+    wake = cli(tmp_path, env, "wake", "mine", "--timeout", "20")
+    assert wake.returncode == 0, wake.stderr
+    assert f"mine -> {server.base_url} model=stub woke in" in wake.stdout
+    assert "(cold)" in wake.stdout
+
+    status = cli(tmp_path, env, "status", "mine")
+    assert "deployed: yes" in status.stdout
+    assert f"url: {server.base_url}" in status.stdout
+    assert "answers /health now: yes" in status.stdout
+
+    stop = cli(tmp_path, env, "stop", "mine")
+    assert stop.returncode == 0 and "stopped app 'my-app'" in stop.stdout
+    again = cli(tmp_path, env, "stop", "mine")
+    assert "not deployed, nothing to stop" in again.stdout
+
+    entries = [json.loads(line) for line in calls.read_text().splitlines()]
+    recorded = [entry["call"] for entry in entries]
+    assert "deploy" in recorded
+    deploy_call = entries[recorded.index("deploy")]
+    assert deploy_call["app_name"] == "my-app"
+    assert deploy_call["deploy_env"]["MODEL_NAME"] == "Org/M"
+    assert recorded.count("stop_app") == 2
+
+
+def test_wake_without_credentials_exits_4(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        platforms_toml({"mine": {"kind": "modal", "app": "my-app"}}, "tool.modal-vllm.platforms")
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTS),
+        "MODAL_VLLM_SDK_ADAPTER": "fake_modal:FakeModal",
+        "FAKE_MODAL_NO_AUTH": "1",
+        "FAKE_MODAL_URLS": "{}",
+    }
+    wake = cli(tmp_path, env, "wake", "mine")
+    assert wake.returncode == 4
+    assert "modal setup" in wake.stderr and "Traceback" not in wake.stderr
