@@ -26,7 +26,7 @@ def cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProce
 
 
 def test_deploy_status_wake_stop(tmp_path, endpoint_server):
-    server = endpoint_server(cold_start=1.0, cold_style="hold", scaledown_window=30)
+    server = endpoint_server(cold_start=2.0, cold_style="hold", scaledown_window=30)
     server.scale_to_zero()  # asleep until the wake
     (tmp_path / "pyproject.toml").write_text(
         platforms_toml(
