@@ -80,3 +80,56 @@ def test_two_platforms_wake_concurrently(pytester, endpoint_server, write_platfo
     assert rows["a"]["cold"] and rows["b"]["cold"]
     assert rows["a"]["wake_seconds"] >= 2.0
     assert rows["b"]["wake_seconds"] >= 2.0
+
+
+def test_process_server_started_once_under_xdist_and_gone_after(pytester, write_platforms):
+    import sys
+    import uuid
+
+    from conftest import processes_with
+
+    marker = f"xdist-{uuid.uuid4().hex[:10]}"
+    write_platforms(
+        {
+            "proc": {
+                "kind": "process",
+                "model": marker,
+                "command": [
+                    sys.executable,
+                    "-m",
+                    "pytest_modal_vllm.stub_server",
+                    "--port",
+                    "{port}",
+                    "--model",
+                    "{model}",
+                ],
+            }
+        }
+    )
+    pytester.makepyfile(
+        test_proc=f"""
+        import pytest
+        from conftest_helpers import count
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_one_server(vllm_endpoint, i):
+            assert count({marker!r}) == 1
+        """,
+        conftest_helpers="""
+        from pathlib import Path
+
+        def count(token):
+            found = 0
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        cmdline = (entry / "cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    found += token.encode() in cmdline and b"stub_server" in cmdline
+            return found
+        """,
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "--vllm-platform=proc", "-p", "no:asyncio")
+    result.assert_outcomes(passed=4)
+    assert processes_with(marker) == []
