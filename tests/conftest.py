@@ -9,6 +9,7 @@ project's pyproject.toml.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,21 @@ FAST = (
     "-p",
     "no:xdist",
 )
+
+
+def stub_command(*extra: str) -> list[str]:
+    """A `process` platform command that runs the stub server as a child process (its model
+    name, `{model}`, doubles as a marker to find the process in /proc)."""
+    return [
+        sys.executable,
+        "-m",
+        "pytest_modal_vllm.stub_server",
+        "--port",
+        "{port}",
+        "--model",
+        "{model}",
+        *extra,
+    ]
 
 
 def processes_with(token: str) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, platforms_toml, processes_with
+from conftest import API_KEY, platforms_toml, processes_with, stub_command
 
 CLI = (sys.executable, "-m", "pytest_modal_vllm.cli")
 HEADER = re.compile(
@@ -58,15 +58,7 @@ def stub_process_platform(token: str) -> dict[str, Any]:
         "kind": "process",
         "model": token,
         "wake_timeout": 30,
-        "command": [
-            sys.executable,
-            "-m",
-            "pytest_modal_vllm.stub_server",
-            "--port",
-            "{port}",
-            "--model",
-            "{model}",
-        ],
+        "command": stub_command(),
     }
 
 

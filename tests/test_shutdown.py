@@ -15,7 +15,7 @@ import time
 import uuid
 
 import pytest
-from conftest import processes_with
+from conftest import processes_with, stub_command
 
 PHASES = ("wake", "test", "teardown")
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
@@ -40,19 +40,7 @@ def test_signal_leaves_nothing_running(pytester, write_platforms, tmp_path, phas
             "p": {
                 "kind": "process",
                 "model": marker,
-                "command": [
-                    sys.executable,
-                    "-m",
-                    "pytest_modal_vllm.stub_server",
-                    "--port",
-                    "{port}",
-                    "--model",
-                    "{model}",
-                    "--cold-start",
-                    str(cold),
-                    "--cold-style",
-                    "refuse",
-                ],
+                "command": stub_command("--cold-start", str(cold), "--cold-style", "refuse"),
                 "keep_alive": "ping",
                 "keep_alive_interval": 0.2,
             }

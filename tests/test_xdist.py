@@ -83,10 +83,9 @@ def test_two_platforms_wake_concurrently(pytester, endpoint_server, write_platfo
 
 
 def test_process_server_started_once_under_xdist_and_gone_after(pytester, write_platforms):
-    import sys
     import uuid
 
-    from conftest import processes_with
+    from conftest import processes_with, stub_command
 
     marker = f"xdist-{uuid.uuid4().hex[:10]}"
     write_platforms(
@@ -94,15 +93,7 @@ def test_process_server_started_once_under_xdist_and_gone_after(pytester, write_
             "proc": {
                 "kind": "process",
                 "model": marker,
-                "command": [
-                    sys.executable,
-                    "-m",
-                    "pytest_modal_vllm.stub_server",
-                    "--port",
-                    "{port}",
-                    "--model",
-                    "{model}",
-                ],
+                "command": stub_command(),
             }
         }
     )
