@@ -9,6 +9,7 @@ project's pyproject.toml.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,6 +38,20 @@ FAST = (
     "-p",
     "no:xdist",
 )
+
+
+def run_cli(
+    cwd: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `modal-vllm ARGS` (as `python -m pytest_modal_vllm.cli`) in `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_modal_vllm.cli", *args],
+        cwd=cwd,
+        env=dict(os.environ if env is None else env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def stub_command(*extra: str) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, platforms_toml, processes_with, stub_command
+from conftest import API_KEY, platforms_toml, processes_with, run_cli, stub_command
 
 CLI = (sys.executable, "-m", "pytest_modal_vllm.cli")
 HEADER = re.compile(
@@ -26,17 +26,6 @@ HEADER = re.compile(
     r"\((warm|cold)\)$",
     re.MULTILINE,
 )
-
-
-def cli(cwd: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **env},
-    )
 
 
 def project(tmp_path: Path, platforms: dict[str, dict[str, Any]]) -> Path:
@@ -63,6 +52,11 @@ def stub_process_platform(token: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- entry points
+
+
+def cli(cwd: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """`modal-vllm ARGS` with extra environment variables given as keywords."""
+    return run_cli(cwd, *args, env={**os.environ, **env}, timeout=timeout)
 
 
 def test_console_script_is_installed() -> None:

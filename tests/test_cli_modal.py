@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import platforms_toml
+from conftest import platforms_toml, run_cli
 
 TESTS = Path(__file__).resolve().parent
-
-
-def cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_modal_vllm.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_deploy_status_wake_stop(tmp_path, endpoint_server):
@@ -52,28 +39,28 @@ def test_deploy_status_wake_stop(tmp_path, endpoint_server):
         "FAKE_MODAL_STATE": str(tmp_path / "state.json"),
     }
 
-    status = cli(tmp_path, env, "status", "mine")
+    status = run_cli(tmp_path, "status", "mine", env=env)
     assert status.returncode == 0, status.stderr
     assert "deployed: no" in status.stdout and "modal-vllm deploy mine" in status.stdout
     assert server.stats.requests == {}  # status wakes nothing
 
-    deploy = cli(tmp_path, env, "deploy", "mine")
+    deploy = run_cli(tmp_path, "deploy", "mine", env=env)
     assert deploy.returncode == 0, deploy.stderr
     assert "deployed app 'my-app'" in deploy.stdout
 
-    wake = cli(tmp_path, env, "wake", "mine", "--timeout", "20")
+    wake = run_cli(tmp_path, "wake", "mine", "--timeout", "20", env=env)
     assert wake.returncode == 0, wake.stderr
     assert f"mine -> {server.base_url} model=stub woke in" in wake.stdout
     assert "(cold)" in wake.stdout
 
-    status = cli(tmp_path, env, "status", "mine")
+    status = run_cli(tmp_path, "status", "mine", env=env)
     assert "deployed: yes" in status.stdout
     assert f"url: {server.base_url}" in status.stdout
     assert "answers /health now: yes" in status.stdout
 
-    stop = cli(tmp_path, env, "stop", "mine")
+    stop = run_cli(tmp_path, "stop", "mine", env=env)
     assert stop.returncode == 0 and "stopped app 'my-app'" in stop.stdout
-    again = cli(tmp_path, env, "stop", "mine")
+    again = run_cli(tmp_path, "stop", "mine", env=env)
     assert "not deployed, nothing to stop" in again.stdout
 
     entries = [json.loads(line) for line in calls.read_text().splitlines()]
@@ -96,6 +83,6 @@ def test_wake_without_credentials_exits_4(tmp_path):
         "FAKE_MODAL_NO_AUTH": "1",
         "FAKE_MODAL_URLS": "{}",
     }
-    wake = cli(tmp_path, env, "wake", "mine")
+    wake = run_cli(tmp_path, "wake", "mine", env=env)
     assert wake.returncode == 4
     assert "modal setup" in wake.stderr and "Traceback" not in wake.stderr

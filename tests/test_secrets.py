@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, assert_no_secrets
-
-
-def cli(*args: str, cwd, env) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_modal_vllm.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, assert_no_secrets, run_cli
 
 
 @pytest.mark.parametrize("key", [API_KEY, "sk-wrong-but-secret-9931"])
@@ -35,7 +22,7 @@ def test_cli_commands_never_print_keys(tmp_path, endpoint_server, key, monkeypat
         ("wake", "keyed", "--timeout", "5"),
         ("status", "keyed"),
     ):
-        result = cli(*args, cwd=tmp_path, env=env)
+        result = run_cli(tmp_path, *args, env=env)
         outputs += [result.stdout, result.stderr]
         if args[0] == "wake":
             assert result.returncode == (0 if key == API_KEY else 4), result.stderr
