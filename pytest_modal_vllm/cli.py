@@ -1,16 +1,16 @@
 """The `modal-vllm` command: list, wake, inspect, deploy, stop and serve platforms.
 
-It reads platforms the way the plugin does (built-ins, `pyproject.toml` of the current
-directory or the nearest parent that has one, `--config` / `MODAL_VLLM_CONFIG`) and loads
-`.env` from that directory (variables already set win). Exit codes follow the plugin:
-0 ok, 4 configuration error, 75 endpoint not ready.
+It resolves settings and platforms through the same functions as the plugin: the rootdir and
+ini values are found as pytest finds them from the current directory, then built-ins,
+`pyproject.toml`, `--config` / `MODAL_VLLM_CONFIG` / ini `vllm_config`, and `.env` (variables
+already set win). Exit codes follow the plugin: 0 ok, 4 configuration error, 75 endpoint not
+ready.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,37 +19,28 @@ from typing import TYPE_CHECKING
 
 from . import settings as settings_module
 from .errors import EXIT_CONFIG, ConfigError, PlatformError
-from .platforms import Platform, load_platforms, select
+from .platforms import load_platforms, select
+from .resolution import ResolvedPlatform, resolve_platform
 
 if TYPE_CHECKING:
     from .reporting import WakeProgress
 
 
-def _project_root(start: Path) -> Path:
-    for directory in (start, *start.parents):
-        if (directory / "pyproject.toml").is_file():
-            return directory
-    return start
-
-
 def _settings(args: argparse.Namespace, **cli: object) -> settings_module.Settings:
-    root = _project_root(Path.cwd())
-    given = {"config": args.config, "env_file": args.env_file, **cli}
-    env_file = (
-        given["env_file"]
-        if given["env_file"] is not None
-        else os.environ.get("MODAL_VLLM_ENV_FILE")
+    """The settings as pytest would resolve them here (its ini included), .env applied."""
+    rootdir, ini = settings_module.read_ini(Path.cwd())
+    settings = settings_module.load(
+        {"config": args.config, "env_file": args.env_file, **cli}, ini, rootdir
     )
-    file_values = settings_module.read_env_file(
-        settings_module.env_file_path(env_file if isinstance(env_file, str) else None, root)
-    )
-    settings_module.apply_env_file(file_values)
-    return settings_module.resolve(given, {}, os.environ, rootdir=root)
+    settings_module.apply_env_file(settings.env_file_values)
+    return settings
 
 
-def _platform(args: argparse.Namespace, settings: settings_module.Settings) -> Platform:
+def _platform(
+    args: argparse.Namespace, settings: settings_module.Settings, *, contact: bool = True
+) -> ResolvedPlatform:
     known = load_platforms(settings.rootdir, settings["config"])
-    return select(known, [args.name])[0]
+    return resolve_platform(select(known, [args.name])[0], settings, contact=contact)
 
 
 def _progress_writer() -> WakeProgress:
@@ -89,7 +80,7 @@ def cmd_wake(args: argparse.Namespace) -> int:
 
     settings = _settings(args, wake_timeout=args.timeout, keep_alive="off")
     platform = _platform(args, settings)
-    session = EndpointSession([platform], settings)
+    session = EndpointSession([platform])
     progress = _progress_writer()
     try:
         session.start(on_progress=progress)
@@ -112,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"use 'modal-vllm wake {platform.name}' for a remote endpoint",
             platform=platform.name,
         )
-    session = EndpointSession([platform], settings)
+    session = EndpointSession([platform])
     progress = _progress_writer()
     try:
         session.start(on_progress=progress)
@@ -136,40 +127,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Say where a platform is and whether it answers /health now, without waking it."""
-    import httpx
+    """Say where a platform is and what state it is in, without waking it."""
+    from .providers import make_provider
 
-    settings = _settings(args)
-    platform = _platform(args, settings)
-    print(f"{platform.name}: kind={platform.kind} source={platform.source}")
-    url: str | None = None
-    headers: dict[str, str] = {}
-    if platform.kind == "url":
-        from .providers.url import UrlProvider
-
-        url = UrlProvider(platform).start().base_url
-    elif platform.kind == "modal":
-        from .providers.modal import ModalProvider
-
-        provider = ModalProvider(platform)
-        status = provider.status()
-        print(f"  deployed: {'yes' if status.deployed else 'no'}")
-        if not status.deployed:
-            print(f"  deploy it with: modal-vllm deploy {platform.name}")
-            return 0
-        url = f"{status.url}/v1"
-        headers = dict(provider.proxy_headers())
-    else:
-        print("  not running: started for each session (modal-vllm serve runs it)")
-        return 0
-    print(f"  url: {url}")
-    root = url[: -len("/v1")]
-    try:
-        answer = httpx.get(f"{root}/health", headers=headers, timeout=5.0)
-        verdict = "yes" if answer.status_code == 200 else f"no ({answer.status_code})"
-    except httpx.HTTPError as error:
-        verdict = f"no ({type(error).__name__})"
-    print(f"  answers /health now: {verdict}")
+    platform = _platform(args, _settings(args))
+    print(f"{platform.name}: kind={platform.kind} source={platform.definition.source}")
+    for line in make_provider(platform).status():
+        print(f"  {line}")
     return 0
 
 
@@ -177,10 +141,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy a modal platform's app (Modal's build output is shown)."""
     from .providers.modal import ModalProvider
 
-    settings = _settings(args)
-    platform = _modal_platform(args, settings, "deploy")
+    platform = _modal_platform(args, "deploy")
     url = ModalProvider(platform).deploy()
-    print(f"{platform.name}: deployed app {platform.app!r}" + (f" at {url}" if url else ""))
+    app = platform.definition.app
+    print(f"{platform.name}: deployed app {app!r}" + (f" at {url}" if url else ""))
     return 0
 
 
@@ -188,19 +152,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a deployed modal platform's app."""
     from .providers.modal import ModalProvider
 
-    settings = _settings(args)
-    platform = _modal_platform(args, settings, "stop")
+    platform = _modal_platform(args, "stop")
+    app = platform.definition.app
     if ModalProvider(platform).stop_app():
-        print(f"{platform.name}: stopped app {platform.app!r}")
+        print(f"{platform.name}: stopped app {app!r}")
     else:
-        print(f"{platform.name}: app {platform.app!r} is not deployed, nothing to stop")
+        print(f"{platform.name}: app {app!r} is not deployed, nothing to stop")
     return 0
 
 
-def _modal_platform(
-    args: argparse.Namespace, settings: settings_module.Settings, verb: str
-) -> Platform:
-    platform = _platform(args, settings)
+def _modal_platform(args: argparse.Namespace, verb: str) -> ResolvedPlatform:
+    """The named platform, which must be a modal one (no request is sent to it)."""
+    platform = _platform(args, _settings(args), contact=False)
     if platform.kind != "modal":
         raise ConfigError(
             f"'{verb}' applies to modal platforms; this one is {platform.kind!r}",
@@ -245,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wake.set_defaults(run=cmd_wake)
     for name, helptext, run in (
-        ("status", "deployed or not, URL, answers /health now; wakes nothing", cmd_status),
+        ("status", "where a platform is and its state; wakes nothing", cmd_status),
         ("deploy", "deploy a modal platform's app", cmd_deploy),
         ("stop", "stop a deployed modal platform's app", cmd_stop),
         ("serve", "run a stub or process platform in the foreground", cmd_serve),

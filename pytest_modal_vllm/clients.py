@@ -21,12 +21,15 @@ import functools
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .endpoint import Endpoint
 from .errors import PlatformError
+from .probe import check_health
+from .resolution import ClientOptions
 from .usage import UsageMeter
 
 if TYPE_CHECKING:
@@ -77,10 +80,16 @@ class PlatformDown(Exception):
 
 
 class Guard:
-    """The mid-session health of one platform, shared by all its clients in this process."""
+    """The mid-session health of one platform, shared by all its clients in this process.
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
+    `rewake` is the session's re-wake of the platform (the same wake request as before
+    collection, dead-process check included); it raises `PlatformError` when the platform
+    stays down.
+    """
+
+    def __init__(self, platform: str, rewake: Callable[[], object]) -> None:
+        self.platform = platform
+        self._rewake = rewake
         self.dead: str | None = None
         self._lock = threading.Lock()
         self._last_wake = 0.0
@@ -97,26 +106,14 @@ class Guard:
         Returns True when it is (or another request just saw it come back), False when it
         stayed dead: then `dead` says why and later requests fail at once.
         """
-        from .wake import Waker, WakeRequest
-
         asked = time.monotonic()
         with self._lock:
             if self.dead is not None:
                 return False
             if self._last_wake >= asked:  # another request re-woke it while we waited
                 return True
-            endpoint = self.endpoint
-            request = WakeRequest(
-                platform=endpoint.platform,
-                base_url=endpoint.base_url,
-                timeout=endpoint.wake_timeout,
-                model=endpoint.model,
-                api_key=endpoint.api_key,
-                api_key_env=endpoint.api_key_env,
-                headers=endpoint.headers,
-            )
             try:
-                Waker(request).run()
+                self._rewake()
             except PlatformError as error:
                 self.dead = str(error)
                 return False
@@ -212,8 +209,60 @@ def _stream_types(lib: ModuleType) -> tuple[type, type]:
     return MeteredStream, AsyncMeteredStream
 
 
+@dataclass(frozen=True)
+class _Send:
+    """Step: send the request through the wrapped transport; the answer comes back."""
+
+    request: Any
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Step: run a blocking call (a re-wake, a `/health` probe); its result comes back."""
+
+    call: Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class _Discard:
+    """Step: close a response that will not be returned."""
+
+    response: Any
+
+
+_Exchange = Generator["_Send | _Block | _Discard", Any, Any]
+
+
+class _Steps:
+    """Drives an `_exchange` generator: hands each step's result (or error) back to it."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+        self.result: Any = None
+
+    def next(self, reply: Any = None) -> Any:
+        """The next step, given the last one's result; None when the exchange is over."""
+        return self._resume(lambda: self._exchange.send(reply))
+
+    def fail(self, error: Exception) -> Any:
+        """The next step, after the last one raised `error`; None when the exchange is over."""
+        return self._resume(lambda: self._exchange.throw(error))
+
+    def _resume(self, advance: Callable[[], Any]) -> Any:
+        try:
+            return advance()
+        except StopIteration as done:
+            self.result = done.value
+            return None
+
+
 class PlatformTransport:
-    """Wraps the HTTP library's transport: metering, re-wake on a cold endpoint, fail fast."""
+    """Wraps the HTTP library's transport: metering, re-wake on a cold endpoint, fail fast.
+
+    The logic lives once, in `_exchange()`, a generator that yields the I/O it needs; the sync
+    `handle_request` and the async `handle_async_request` (of `AsyncPlatformTransport`) are the
+    two thin shells httpx requires, each running those steps its own way.
+    """
 
     def __init__(
         self, inner: Any, endpoint: Endpoint, meter: UsageMeter, guard: Guard, lib: ModuleType
@@ -228,13 +277,35 @@ class PlatformTransport:
         # Redirect targets the client is about to follow -> when the redirected request began.
         self._hops: dict[str, float] = {}
 
-    def _started(self, request: Any) -> float:
-        """When `request` began: a followed redirect continues the request that got it."""
-        return self._hops.pop(str(request.url), None) or time.perf_counter()
-
-    def _strip_placeholder_key(self, request: Any) -> None:
+    def _exchange(self, request: Any, stream_type: type) -> _Exchange:
+        """Send `request`, waiting through a mid-session cold start; meter the answer."""
+        # A followed redirect continues the request that got it: meter from that one's start.
+        started = self._hops.pop(str(request.url), None) or time.perf_counter()
         if request.headers.get("authorization") == f"Bearer {NO_KEY}":
             del request.headers["authorization"]
+        for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
+            may_rewake = attempt < MAX_REWAKES_PER_REQUEST
+            try:
+                self.guard.check()
+                response = yield _Send(request)
+            except self.lib.ConnectError as error:
+                if may_rewake and (yield _Block(self.guard.rewake)):
+                    continue
+                raise self._fail(started, error) from error
+            except Exception as error:  # PlatformDown included
+                raise self._fail(started, error) from error
+            if (
+                response.status_code in REWAKE_STATUSES
+                and may_rewake
+                and (yield _Block(self._went_cold))
+            ):
+                yield _Discard(response)
+                if (yield _Block(self.guard.rewake)):
+                    continue
+                down = PlatformDown(self.guard.dead or "it did not come back")
+                raise self._fail(started, down) from None
+            return self._wrap(request, response, started, stream_type)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _fail(self, started: float, error: BaseException) -> BaseException:
         self.meter.record(
@@ -260,46 +331,27 @@ class PlatformTransport:
         response.stream = stream_type(response.stream, recorder)
         return response
 
+    def _went_cold(self) -> bool:
+        """After a 502/503/504: is the endpoint's /health not OK either (it went cold)?"""
+        return check_health(self.endpoint.root_url, self.endpoint.headers).status != 200
+
     def handle_request(self, request: Any) -> Any:
-        """Send `request`, waiting through a mid-session cold start; meter the answer."""
-        started = self._started(request)
-        self._strip_placeholder_key(request)
-        for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
+        """Send `request` (the sync shell of `_exchange`)."""
+        steps = _Steps(self._exchange(request, _stream_types(self.lib)[0]))
+        step = steps.next()
+        while step is not None:
             try:
-                self.guard.check()
-                response = self.inner.handle_request(request)
-            except (self.lib.ConnectError, PlatformDown) as error:
-                if (
-                    attempt < MAX_REWAKES_PER_REQUEST
-                    and not isinstance(error, PlatformDown)
-                    and self.guard.rewake()
-                ):
-                    continue
-                raise self._fail(started, error) from error
+                if isinstance(step, _Send):
+                    reply = self.inner.handle_request(step.request)
+                elif isinstance(step, _Block):
+                    reply = step.call()
+                else:
+                    reply = step.response.close()
             except Exception as error:
-                raise self._fail(started, error) from error
-            if (
-                response.status_code in REWAKE_STATUSES
-                and attempt < MAX_REWAKES_PER_REQUEST
-                and self._cold_answer(response)
-            ):
-                response.close()
-                if self.guard.rewake():
-                    continue
-            return self._wrap(request, response, started, _stream_types(self.lib)[0])
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _cold_answer(self, response: Any) -> bool:
-        """A 502/503/504 whose endpoint's /health is not OK either: the endpoint went cold."""
-        import httpx
-
-        try:
-            health = httpx.get(
-                f"{self.endpoint.root_url}/health", headers=dict(self.endpoint.headers), timeout=5.0
-            )
-        except httpx.HTTPError:
-            return True
-        return health.status_code != 200
+                step = steps.fail(error)
+            else:
+                step = steps.next(reply)
+        return steps.result
 
     def close(self) -> None:
         """Close the wrapped transport."""
@@ -307,38 +359,27 @@ class PlatformTransport:
 
 
 class AsyncPlatformTransport(PlatformTransport):
-    """The asyncio twin of `PlatformTransport` (re-wakes run in a worker thread)."""
+    """The asyncio shell of `PlatformTransport` (blocking steps run in a worker thread)."""
 
     async def handle_async_request(self, request: Any) -> Any:
-        """Send `request`, waiting through a mid-session cold start; meter the answer."""
+        """Send `request` (the async shell of `_exchange`)."""
         import asyncio
 
-        started = self._started(request)
-        self._strip_placeholder_key(request)
-        for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
+        steps = _Steps(self._exchange(request, _stream_types(self.lib)[1]))
+        step = steps.next()
+        while step is not None:
             try:
-                self.guard.check()
-                response = await self.inner.handle_async_request(request)
-            except (self.lib.ConnectError, PlatformDown) as error:
-                if (
-                    attempt < MAX_REWAKES_PER_REQUEST
-                    and not isinstance(error, PlatformDown)
-                    and await asyncio.to_thread(self.guard.rewake)
-                ):
-                    continue
-                raise self._fail(started, error) from error
+                if isinstance(step, _Send):
+                    reply = await self.inner.handle_async_request(step.request)
+                elif isinstance(step, _Block):
+                    reply = await asyncio.to_thread(step.call)
+                else:
+                    reply = await step.response.aclose()
             except Exception as error:
-                raise self._fail(started, error) from error
-            if (
-                response.status_code in REWAKE_STATUSES
-                and attempt < MAX_REWAKES_PER_REQUEST
-                and await asyncio.to_thread(self._cold_answer, response)
-            ):
-                await response.aclose()
-                if await asyncio.to_thread(self.guard.rewake):
-                    continue
-            return self._wrap(request, response, started, _stream_types(self.lib)[1])
-        raise AssertionError("unreachable")  # pragma: no cover
+                step = steps.fail(error)
+            else:
+                step = steps.next(reply)
+        return steps.result
 
     async def aclose(self) -> None:
         """Close the wrapped transport."""
@@ -348,84 +389,79 @@ class AsyncPlatformTransport(PlatformTransport):
 class ClientFactory:
     """Builds the clients of one endpoint; holds the endpoint's meter and guard."""
 
-    def __init__(self, endpoint: Endpoint, meter: UsageMeter, guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        options: ClientOptions,
+        meter: UsageMeter,
+        rewake: Callable[[], object],
+    ) -> None:
+        """`rewake` is the session's re-wake of the platform (raises `PlatformError`)."""
         self.endpoint = endpoint
+        self.options = options
         self.meter = meter
-        self.guard = guard or Guard(endpoint)
+        self.guard = Guard(endpoint.platform, rewake)
         self._closers: list[Callable[[], None]] = []
 
-    @property
-    def timeout(self) -> float:
-        """The client timeout in seconds."""
-        return float(self.endpoint.client_options.get("timeout", 300.0))
-
-    def http_client(self) -> Any:
-        """A sync HTTP client (of openai's HTTP library) with metering and proxy headers."""
+    def _http_client(self, asynchronous: bool) -> Any:
+        """An HTTP client (of openai's HTTP library) with metering and proxy headers."""
         import openai
 
         lib = http_module()
-        transport: Any = PlatformTransport(
-            lib.HTTPTransport(), self.endpoint, self.meter, self.guard, lib
+        if asynchronous:
+            transport: Any = AsyncPlatformTransport(
+                lib.AsyncHTTPTransport(), self.endpoint, self.meter, self.guard, lib
+            )
+            client_type: Any = openai.DefaultAsyncHttpxClient
+        else:
+            transport = PlatformTransport(
+                lib.HTTPTransport(), self.endpoint, self.meter, self.guard, lib
+            )
+            client_type = openai.DefaultHttpxClient
+        client = client_type(
+            transport=transport, headers=dict(self.endpoint.headers), timeout=self.options.timeout
         )
-        client = openai.DefaultHttpxClient(
-            transport=transport, headers=dict(self.endpoint.headers), timeout=self.timeout
-        )
-        self._closers.append(client.close)
+        if not asynchronous:  # an async client belongs to its event loop, which closes it
+            self._closers.append(client.close)
         return client
 
-    def async_http_client(self) -> Any:
-        """An async HTTP client with metering and proxy headers (bind it to one event loop)."""
-        import openai
-
-        lib = http_module()
-        transport: Any = AsyncPlatformTransport(
-            lib.AsyncHTTPTransport(), self.endpoint, self.meter, self.guard, lib
-        )
-        return openai.DefaultAsyncHttpxClient(
-            transport=transport, headers=dict(self.endpoint.headers), timeout=self.timeout
-        )
-
     def _openai_kwargs(self) -> dict[str, Any]:
-        options = self.endpoint.client_options
         return {
             "base_url": self.endpoint.base_url,
             "api_key": self.endpoint.api_key or NO_KEY,
-            "timeout": self.timeout,
-            "max_retries": int(options.get("max_retries", 3)),
+            "timeout": self.options.timeout,
+            "max_retries": self.options.max_retries,
         }
 
     def openai_client(self) -> openai.OpenAI:
         """An `openai.OpenAI` bound to the endpoint."""
         import openai
 
-        return openai.OpenAI(http_client=self.http_client(), **self._openai_kwargs())
+        return openai.OpenAI(http_client=self._http_client(False), **self._openai_kwargs())
 
     def async_openai_client(self) -> openai.AsyncOpenAI:
         """An `openai.AsyncOpenAI` bound to the endpoint (fresh, for the caller's event loop)."""
         import openai
 
-        return openai.AsyncOpenAI(http_client=self.async_http_client(), **self._openai_kwargs())
+        return openai.AsyncOpenAI(http_client=self._http_client(True), **self._openai_kwargs())
 
     def chat_model(self, **overrides: Any) -> ChatOpenAI:
         """A `ChatOpenAI` with the platform's client defaults; `overrides` win."""
         from langchain_openai import ChatOpenAI
 
-        options = self.endpoint.client_options
+        options = self.options
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
-            "base_url": self.endpoint.base_url,
-            "api_key": self.endpoint.api_key or NO_KEY,
-            "temperature": options.get("temperature", 0.0),
-            "timeout": self.timeout,
-            "max_retries": int(options.get("max_retries", 3)),
+            **self._openai_kwargs(),
+            "temperature": options.temperature,
             "stream_usage": True,
-            "http_client": self.http_client(),
-            "http_async_client": self.async_http_client(),
+            "http_client": self._http_client(False),
+            "http_async_client": self._http_client(True),
         }
-        if options.get("max_tokens") is not None:
-            kwargs["max_tokens"] = options["max_tokens"]
-        if options.get("extra_body"):
-            kwargs["extra_body"] = dict(options["extra_body"])
+        if options.max_tokens is not None:
+            kwargs["max_tokens"] = options.max_tokens
+        if options.extra_body:
+            kwargs["extra_body"] = dict(options.extra_body)
         kwargs.update(overrides)
         return ChatOpenAI(**kwargs)
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .probe import root_of
+
 MASK = "***"
 
 # Header names whose values are secrets: masked wherever an Endpoint is shown.
@@ -37,16 +39,11 @@ class Endpoint:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     wake_seconds: float = 0.0
     cold: bool = False
-    # Not part of the contract's minimum, but what clients and markers need downstream.
-    capabilities: tuple[str, ...] = ("streaming",)
-    client_options: Mapping[str, Any] = field(default_factory=dict)
-    wake_timeout: float = 600.0
-    api_key_env: str = "VLLM_API_KEY"
 
     @property
     def root_url(self) -> str:
         """The base URL without its `/v1` suffix: where `/health` lives."""
-        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        return root_of(self.base_url)
 
     def __repr__(self) -> str:
         key = MASK if self.api_key else None
@@ -60,13 +57,9 @@ class Endpoint:
         """A JSON-able dict (secrets included) for handing to xdist workers."""
         data = asdict(self)
         data["headers"] = dict(self.headers)
-        data["capabilities"] = list(self.capabilities)
-        data["client_options"] = dict(self.client_options)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Endpoint:
         """The inverse of `to_dict`."""
-        values = dict(data)
-        values["capabilities"] = tuple(values.get("capabilities", ("streaming",)))
-        return cls(**values)
+        return cls(**data)

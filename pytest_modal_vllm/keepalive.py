@@ -34,7 +34,7 @@ class PingKeepAlive:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.platform = platform
-        self.url = f"{root_url}/health"
+        self.root_url = root_url
         self.interval = interval
         self.headers = dict(headers or {})
         self.pings = 0
@@ -52,13 +52,15 @@ class PingKeepAlive:
     def _run(self) -> None:
         import httpx
 
+        from .probe import check_health
+
         with httpx.Client(headers=self.headers, follow_redirects=True) as client:
             while not self._stop.wait(self.interval):
-                try:
-                    # A held ping would only delay the next one: give up after an interval.
-                    client.get(self.url, timeout=max(1.0, self.interval))
+                # A held ping would only delay the next one: give up after an interval.
+                answer = check_health(self.root_url, {}, max(1.0, self.interval), client)
+                if answer.error is None:
                     self.pings += 1
-                except httpx.HTTPError:
+                else:
                     self.failures += 1
 
     def stop(self) -> None:

@@ -60,23 +60,34 @@ class NotDeployedError(ConfigError):
 
 
 @dataclass(frozen=True)
+class ModalTarget:
+    """The web function or server of a Modal app that a platform points at."""
+
+    app: str
+    # Exactly one of `function` and `server` is set (the function defaults to `serve`).
+    function: str | None = DEFAULT_FUNCTION
+    server: str | None = None
+    environment: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The name looked up in the app: the server if set, else the function."""
+        return self.server or self.function or DEFAULT_FUNCTION
+
+    def describe(self) -> str:
+        """`web function 'serve' of Modal app 'x'` (with the environment when set)."""
+        kind = "server" if self.server else "web function"
+        env = f" in Modal environment {self.environment!r}" if self.environment else ""
+        return f"{kind} {self.name!r} of Modal app {self.app!r}{env}"
+
+
+@dataclass(frozen=True)
 class ModalStatus:
     """What `status()` found without waking anything: deployed or not, and the URL."""
 
     deployed: bool
     url: str | None = None
     detail: str = ""
-
-
-def target_name(function: str | None, server: str | None) -> str:
-    """The name looked up in the app: the server if set, else the function (default `serve`)."""
-    return server or function or DEFAULT_FUNCTION
-
-
-def _where(app: str, function: str | None, server: str | None, environment: str | None) -> str:
-    kind = "server" if server else "web function"
-    env = f" in Modal environment {environment!r}" if environment else ""
-    return f"{kind} {target_name(function, server)!r} of Modal app {app!r}{env}"
 
 
 def deploy_fix(platform: str | None = None) -> str:
@@ -89,16 +100,10 @@ def deploy_fix(platform: str | None = None) -> str:
 
 
 def not_deployed_error(
-    app: str,
-    function: str | None,
-    server: str | None,
-    environment: str | None,
-    detail: str = "",
-    *,
-    platform: str | None = None,
+    target: ModalTarget, detail: str = "", *, platform: str | None = None
 ) -> NotDeployedError:
     """The error for a Modal app/function that cannot be found (the real and fake adapters)."""
-    problem = f"the {_where(app, function, server, environment)} is not deployed"
+    problem = f"the {target.describe()} is not deployed"
     if detail:
         problem += f" (Modal: {detail.strip().rstrip('.')})"
     return NotDeployedError(problem, deploy_fix(platform), platform=platform)
@@ -115,15 +120,7 @@ def auth_error(detail: str = "") -> ConfigError:
 
 
 @contextlib.contextmanager
-def _modal_errors(
-    action: str,
-    *,
-    app: str,
-    function: str | None = None,
-    server: str | None = None,
-    environment: str | None = None,
-    lookup: bool = True,
-) -> Iterator[None]:
+def _modal_errors(action: str, target: ModalTarget, *, lookup: bool = True) -> Iterator[None]:
     """Turn Modal's exceptions raised while doing `action` into the plugin's two errors.
 
     `lookup` says whether a `NotFoundError` means "this app/function is not deployed"; during
@@ -137,19 +134,19 @@ def _modal_errors(
         raise auth_error(str(error)) from error
     except mx.NotFoundError as error:
         if lookup:
-            raise not_deployed_error(app, function, server, environment, str(error)) from error
+            raise not_deployed_error(target, str(error)) from error
         raise ConfigError(
-            f"{action} of Modal app {app!r} failed: {str(error).strip().rstrip('.')}",
+            f"{action} of Modal app {target.app!r} failed: {str(error).strip().rstrip('.')}",
             _missing_object_fix(str(error)),
         ) from error
     except (mx.InvalidError, mx.VersionError) as error:
         raise ConfigError(
-            f"{action} of Modal app {app!r} was refused: {str(error).strip().rstrip('.')}",
+            f"{action} of Modal app {target.app!r} was refused: {str(error).strip().rstrip('.')}",
             "check the platform's app, function/server, environment and deploy_env",
         ) from error
     except mx.Error as error:
         raise UnavailableError(
-            f"{action} of Modal app {app!r} failed: {type(error).__name__}: "
+            f"{action} of Modal app {target.app!r} failed: {type(error).__name__}: "
             f"{str(error).strip().rstrip('.')}",
             "try again; if it persists, see https://status.modal.com",
         ) from error
@@ -189,15 +186,15 @@ class LoadedApp:
     module: ModuleType
     app: modal.App
 
-    def handle(self, function: str | None, server: str | None) -> Any:
-        """The module attribute named by `server` or `function`: the local Modal handle."""
+    def handle(self, target: ModalTarget) -> Any:
+        """The module attribute named by the target's server or function: the local handle."""
         import modal
 
-        name = target_name(function, server)
+        name = target.name
         handle = getattr(self.module, name, None)
-        expected = modal.Server if server else modal.Function
+        expected = modal.Server if target.server else modal.Function
         if not isinstance(handle, expected):
-            what = "@app.server class" if server else "@modal.web_server function"
+            what = "@app.server class" if target.server else "@modal.web_server function"
             raise ConfigError(
                 f"the Modal app file {str(self.path)!r} defines no {what} named {name!r}",
                 "set the platform's function/server to a name defined in that file",
@@ -274,53 +271,33 @@ def load_app_file(app_file: Path, deploy_env: Mapping[str, str]) -> LoadedApp:
 class ModalBackend(Protocol):
     """What the modal provider and the CLI need from Modal; `ModalSDK` is the real one."""
 
-    def locate(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> str:
+    def locate(self, target: ModalTarget) -> str:
         """The URL of a deployed web function or server; `NotDeployedError` if there is none."""
         ...
 
-    def deploy(
-        self, app_file: Path, deploy_env: Mapping[str, str], app_name: str, environment: str | None
-    ) -> None:
-        """Deploy the app defined in `app_file` under `app_name`."""
+    def deploy(self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget) -> None:
+        """Deploy the app defined in `app_file` under the target's app name."""
         ...
 
     def ephemeral(
-        self,
-        app_file: Path,
-        deploy_env: Mapping[str, str],
-        function: str | None,
-        server: str | None,
-        environment: str | None,
+        self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget
     ) -> AbstractContextManager[str]:
         """Run the app as an ephemeral Modal app while the context is open; yields the URL."""
         ...
 
-    def get_min_containers(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> int:
+    def get_min_containers(self, target: ModalTarget) -> int:
         """The current `min_containers` of the function or server (0 when not set)."""
         ...
 
-    def update_autoscaler(
-        self,
-        app: str,
-        function: str | None,
-        server: str | None,
-        environment: str | None,
-        min_containers: int,
-    ) -> None:
+    def update_autoscaler(self, target: ModalTarget, min_containers: int) -> None:
         """Set `min_containers` of the function or server."""
         ...
 
-    def stop_app(self, app: str, environment: str | None) -> bool:
+    def stop_app(self, target: ModalTarget) -> bool:
         """Stop a deployed app: True if it was stopped, False if it was not deployed."""
         ...
 
-    def status(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> ModalStatus:
+    def status(self, target: ModalTarget) -> ModalStatus:
         """Deployed or not, and the URL, without waking any container."""
         ...
 
@@ -329,154 +306,102 @@ class ModalSDK:
     """The real adapter: each method is one or two Modal SDK calls, errors translated."""
 
     def __init__(self) -> None:
-        # Local handles of running ephemeral apps, by (app name, target name): such apps cannot
-        # be looked up by name, so autoscaler calls use these instead.
-        self._ephemeral_handles: dict[tuple[str, str], Any] = {}
+        # Local handles of running ephemeral apps: such apps cannot be looked up by name, so
+        # autoscaler calls use these instead.
+        self._ephemeral_handles: dict[ModalTarget, Any] = {}
 
     # -- lookups
 
-    def _remote_handle(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> Any:
-        local = self._ephemeral_handles.get((app, target_name(function, server)))
+    def _remote_handle(self, target: ModalTarget) -> Any:
+        local = self._ephemeral_handles.get(target)
         if local is not None:
             return local
         import modal
 
         # `from_name` is lazy: the first live method (get_web_url, autoscaler...) looks it up.
-        if server:
-            return modal.Server.from_name(app, server, environment_name=environment)
+        if target.server:
+            return modal.Server.from_name(
+                target.app, target.server, environment_name=target.environment
+            )
         return modal.Function.from_name(
-            app, function or DEFAULT_FUNCTION, environment_name=environment
+            target.app, target.name, environment_name=target.environment
         )
 
     @staticmethod
-    def _url_of(handle: Any, where: str) -> str:
+    def _url_of(handle: Any, target: ModalTarget) -> str:
         import modal
 
         url = handle.get_url() if isinstance(handle, modal.Server) else handle.get_web_url()
         if not url:
             raise ConfigError(
-                f"the {where} has no web URL",
+                f"the {target.describe()} has no web URL",
                 "point the platform at a @modal.web_server function (function = ...) or an "
                 "@app.server class (server = ...)",
             )
         return str(url).rstrip("/")
 
-    def locate(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> str:
+    def locate(self, target: ModalTarget) -> str:
         """The URL of a deployed web function or server; `NotDeployedError` if there is none."""
-        with _modal_errors(
-            "looking up", app=app, function=function, server=server, environment=environment
-        ):
-            handle = self._remote_handle(app, function, server, environment)
-            return self._url_of(handle, _where(app, function, server, environment))
+        with _modal_errors("looking up", target):
+            return self._url_of(self._remote_handle(target), target)
 
-    def status(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> ModalStatus:
+    def status(self, target: ModalTarget) -> ModalStatus:
         """Deployed or not, and the URL; a lookup only, no container is woken."""
         try:
-            url = self.locate(app, function, server, environment)
+            url = self.locate(target)
         except NotDeployedError as error:
             return ModalStatus(deployed=False, url=None, detail=error.problem)
         return ModalStatus(deployed=True, url=url)
 
     # -- deploy / ephemeral
 
-    def deploy(
-        self, app_file: Path, deploy_env: Mapping[str, str], app_name: str, environment: str | None
-    ) -> None:
-        """Import `app_file` with `deploy_env`, then `app.deploy(name=app_name)` with output."""
+    def deploy(self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget) -> None:
+        """Import `app_file` with `deploy_env`, then `app.deploy(name=...)` with output."""
         import modal
 
         loaded = load_app_file(app_file, deploy_env)
-        with (
-            _modal_errors("deploying", app=app_name, environment=environment, lookup=False),
-            modal.enable_output(),
-        ):
-            loaded.app.deploy(name=app_name, environment_name=environment)
+        with _modal_errors("deploying", target, lookup=False), modal.enable_output():
+            loaded.app.deploy(name=target.app, environment_name=target.environment)
 
     @contextlib.contextmanager
     def ephemeral(
-        self,
-        app_file: Path,
-        deploy_env: Mapping[str, str],
-        function: str | None,
-        server: str | None,
-        environment: str | None,
+        self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget
     ) -> Iterator[str]:
         """Run the app as an ephemeral Modal app while the context is open; yields the URL.
 
         The app stops when the context closes, also on an exception or Ctrl-C.
         """
         loaded = load_app_file(app_file, deploy_env)
-        app_name = loaded.app.name or str(deploy_env.get("APP_NAME", loaded.path.stem))
-        handle = loaded.handle(function, server)
-        key = (app_name, target_name(function, server))
-
-        def errors(action: str) -> AbstractContextManager[None]:
-            return _modal_errors(
-                action,
-                app=app_name,
-                function=function,
-                server=server,
-                environment=environment,
-                lookup=False,
-            )
-
+        handle = loaded.handle(target)
         # Closed in `finally` with no exception handed in, whatever happened: Modal's run
         # context swallows a KeyboardInterrupt passed to its exit, and Ctrl-C must reach pytest.
         stack = contextlib.ExitStack()
         try:
-            with errors("starting an ephemeral run"):
-                stack.enter_context(loaded.app.run(environment_name=environment))
-                url = self._url_of(handle, _where(app_name, function, server, environment))
-            self._ephemeral_handles[key] = handle
+            with _modal_errors("starting an ephemeral run", target, lookup=False):
+                stack.enter_context(loaded.app.run(environment_name=target.environment))
+                url = self._url_of(handle, target)
+            self._ephemeral_handles[target] = handle
             yield url
         finally:
-            self._ephemeral_handles.pop(key, None)
-            with errors("stopping the ephemeral run"):
+            self._ephemeral_handles.pop(target, None)
+            with _modal_errors("stopping the ephemeral run", target, lookup=False):
                 stack.close()
 
     # -- autoscaler
 
-    def get_min_containers(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> int:
+    def get_min_containers(self, target: ModalTarget) -> int:
         """The current `min_containers` (0 when unset, or when this client cannot read it)."""
-        with _modal_errors(
-            "reading the autoscaler settings",
-            app=app,
-            function=function,
-            server=server,
-            environment=environment,
-        ):
-            handle = self._remote_handle(app, function, server, environment)
-            manager = getattr(handle, "autoscaler", None)
+        with _modal_errors("reading the autoscaler settings", target):
+            manager = getattr(self._remote_handle(target), "autoscaler", None)
             if manager is None:  # Modal clients before `.autoscaler` cannot read it
                 return 0
             value = manager.settings().min_containers
             return int(value) if value else 0
 
-    def update_autoscaler(
-        self,
-        app: str,
-        function: str | None,
-        server: str | None,
-        environment: str | None,
-        min_containers: int,
-    ) -> None:
+    def update_autoscaler(self, target: ModalTarget, min_containers: int) -> None:
         """Set `min_containers` (other autoscaler settings are left as they are)."""
-        with _modal_errors(
-            "updating the autoscaler",
-            app=app,
-            function=function,
-            server=server,
-            environment=environment,
-        ):
-            handle = self._remote_handle(app, function, server, environment)
+        with _modal_errors("updating the autoscaler", target):
+            handle = self._remote_handle(target)
             manager = getattr(handle, "autoscaler", None)
             if manager is not None:
                 manager.update(min_containers=min_containers)
@@ -485,14 +410,14 @@ class ModalSDK:
 
     # -- stop
 
-    def stop_app(self, app: str, environment: str | None) -> bool:
+    def stop_app(self, target: ModalTarget) -> bool:
         """Stop a deployed app: True if stopped, False if no such app is deployed."""
         import modal
         from modal import exception as mx
 
-        with _modal_errors("stopping", app=app, environment=environment, lookup=False):
+        with _modal_errors("stopping", target, lookup=False):
             try:
-                handle = modal.App.lookup(app, environment_name=environment)
+                handle = modal.App.lookup(target.app, environment_name=target.environment)
             except mx.NotFoundError:
                 return False
             handle.stop()

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,42 +32,52 @@ KINDS = ("modal", "url", "process", "stub")
 KEEP_ALIVE_MODES = ("ping", "autoscaler", "off")
 CLIENT_OPTIONS = ("timeout", "max_retries", "temperature", "max_tokens", "extra_body")
 
-DEFAULT_WAKE_TIMEOUT = {"modal": 900.0, "url": 600.0, "process": 300.0, "stub": 30.0}
-DEFAULT_KEEP_ALIVE = {"modal": "ping", "url": "off", "process": "off", "stub": "off"}
-DEFAULT_CLIENT: dict[str, Any] = {"timeout": 300.0, "max_retries": 3, "temperature": 0.0}
+_STR = ("a string", str)
+_NUM = ("a number", (int, float))
+_BOOL = ("true or false", bool)
+_TABLE_OF_STRINGS = ("a table of strings", dict)
+_LIST_OF_STRINGS = ("a list of strings", list)
+
+
+def _field(default: Any, kinds: tuple[str, ...] = KINDS, toml: tuple[str, Any] = _STR) -> Any:
+    """A platform field with its schema: the kinds it belongs to and its TOML type."""
+    schema = {"kinds": kinds, "toml": toml}
+    if isinstance(default, (dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=schema)
+    return field(default=default, metadata=schema)
 
 
 @dataclass(frozen=True)
 class Platform:
-    """One platform definition, validated; `None` means "use the kind's default"."""
+    """One platform definition, as written (validated, `${VAR}` not yet expanded).
+
+    The schema lives beside each field: the kinds it applies to and the TOML type it takes
+    (`FIELD_KINDS` and validation are derived from it). `None` means "the kind's default",
+    applied by `resolution.resolve_platform`.
+    """
 
     name: str
     kind: str
     source: str = "built-in"
-    model: str | None = None
-    api_key_env: str = "VLLM_API_KEY"
-    # url
-    base_url: str | None = None
-    # modal
-    app: str | None = None
-    function: str | None = None
-    server: str | None = None
-    environment: str | None = None
-    modal_app: str | None = None
-    deploy_env: Mapping[str, str] = field(default_factory=dict)
-    proxy_auth: bool = False
-    # process
-    command: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    # stub
-    script: str | None = None
-    cold_start: float = 0.0
-    # all kinds
-    wake_timeout: float | None = None
-    keep_alive: str | None = None
-    keep_alive_interval: float = 60.0
-    capabilities: tuple[str, ...] = ("streaming",)
-    client: Mapping[str, Any] = field(default_factory=dict)
+    model: str | None = _field(None)
+    api_key_env: str = _field("VLLM_API_KEY")
+    base_url: str | None = _field(None, ("url",))
+    app: str | None = _field(None, ("modal",))
+    function: str | None = _field(None, ("modal",))
+    server: str | None = _field(None, ("modal",))
+    environment: str | None = _field(None, ("modal",))
+    modal_app: str | None = _field(None, ("modal",))
+    deploy_env: Mapping[str, str] = _field({}, ("modal",), _TABLE_OF_STRINGS)
+    proxy_auth: bool = _field(False, ("modal",), _BOOL)
+    command: tuple[str, ...] = _field((), ("process",), _LIST_OF_STRINGS)
+    env: Mapping[str, str] = _field({}, ("process",), _TABLE_OF_STRINGS)
+    script: str | None = _field(None, ("stub",))
+    cold_start: float = _field(0.0, ("stub",), _NUM)
+    wake_timeout: float | None = _field(None, toml=_NUM)
+    keep_alive: str | None = _field(None)
+    keep_alive_interval: float = _field(60.0, toml=_NUM)
+    capabilities: tuple[str, ...] = _field(("streaming",), toml=_LIST_OF_STRINGS)
+    client: Mapping[str, Any] = _field({}, toml=("a table", dict))
     # Internal: a check run before a built-in process starts (the `local` platform uses it to
     # say which package to install). Not a user-facing field.
     preflight: Callable[[], None] | None = field(default=None, repr=False, compare=False)
@@ -82,86 +92,24 @@ class Platform:
             return candidate
         return Path(self.base_dir) / candidate
 
-    @property
-    def effective_wake_timeout(self) -> float:
-        """`wake_timeout`, or the kind's default."""
-        return (
-            self.wake_timeout if self.wake_timeout is not None else DEFAULT_WAKE_TIMEOUT[self.kind]
-        )
-
-    @property
-    def effective_keep_alive(self) -> str:
-        """`keep_alive`, or the kind's default."""
-        return self.keep_alive or DEFAULT_KEEP_ALIVE[self.kind]
-
-    @property
-    def client_options(self) -> dict[str, Any]:
-        """The client table merged over the defaults."""
-        return {**DEFAULT_CLIENT, **self.client}
-
-    @property
-    def modal_target(self) -> str:
-        """`app/function` or `app/server` for display."""
-        return f"{self.app}/{self.server or self.function or 'serve'}"
-
     def target(self) -> str:
         """What the platform points at, for listings (never a secret)."""
         if self.kind == "url":
             return self.base_url or ""
         if self.kind == "modal":
-            return f"modal app {self.modal_target}"
+            return f"modal app {self.app}/{self.server or self.function or 'serve'}"
         if self.kind == "process":
             return " ".join(self.command)
         return f"in-process stub (script={self.script})" if self.script else "in-process stub"
 
 
-# Which kinds each field belongs to, and the TOML type it must have.
-_ALL = KINDS
-FIELD_KINDS: dict[str, tuple[str, ...]] = {
-    "kind": _ALL,
-    "model": _ALL,
-    "api_key_env": _ALL,
-    "base_url": ("url",),
-    "app": ("modal",),
-    "function": ("modal",),
-    "server": ("modal",),
-    "environment": ("modal",),
-    "modal_app": ("modal",),
-    "deploy_env": ("modal",),
-    "proxy_auth": ("modal",),
-    "command": ("process",),
-    "env": ("process",),
-    "script": ("stub",),
-    "cold_start": ("stub",),
-    "wake_timeout": _ALL,
-    "keep_alive": _ALL,
-    "keep_alive_interval": _ALL,
-    "capabilities": _ALL,
-    "client": _ALL,
+# The user-facing fields (and `kind`), each with the kinds it belongs to and its TOML type.
+_SCHEMA = {f.name: f.metadata for f in fields(Platform) if "kinds" in f.metadata}
+FIELD_KINDS: dict[str, tuple[str, ...]] = {"kind": KINDS} | {
+    name: meta["kinds"] for name, meta in _SCHEMA.items()
 }
-_STR = ("a string", str)
-_NUM = ("a number", (int, float))
-_FIELD_TYPES: dict[str, tuple[str, type | tuple[type, ...]]] = {
-    "kind": _STR,
-    "model": _STR,
-    "api_key_env": _STR,
-    "base_url": _STR,
-    "app": _STR,
-    "function": _STR,
-    "server": _STR,
-    "environment": _STR,
-    "modal_app": _STR,
-    "deploy_env": ("a table of strings", dict),
-    "proxy_auth": ("true or false", bool),
-    "command": ("a list of strings", list),
-    "env": ("a table of strings", dict),
-    "script": _STR,
-    "cold_start": _NUM,
-    "wake_timeout": _NUM,
-    "keep_alive": _STR,
-    "keep_alive_interval": _NUM,
-    "capabilities": ("a list of strings", list),
-    "client": ("a table", dict),
+_FIELD_TYPES: dict[str, tuple[str, Any]] = {"kind": _STR} | {
+    name: meta["toml"] for name, meta in _SCHEMA.items()
 }
 
 
@@ -418,7 +366,8 @@ def builtin_platforms() -> dict[str, Platform]:
 # ---------------------------------------------------------------- loading
 
 
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
+def read_toml(path: Path, what: str = "TOML file") -> dict[str, Any]:
+    """The parsed TOML file, or `ConfigError` naming the file (missing, invalid)."""
     try:
         with path.open("rb") as handle:
             data: dict[str, Any] = tomllib.load(handle)
@@ -458,7 +407,7 @@ def load_platforms(rootdir: Path | None, config_file: str | None) -> dict[str, P
     if rootdir is not None:
         pyproject = rootdir / "pyproject.toml"
         if pyproject.is_file():
-            data = _read_toml(pyproject, "pyproject.toml")
+            data = read_toml(pyproject, "pyproject.toml")
             section = data.get("tool", {}).get("modal-vllm", {})
             if isinstance(section, dict):
                 unknown = set(section) - {"platforms"}
@@ -481,7 +430,7 @@ def load_platforms(rootdir: Path | None, config_file: str | None) -> dict[str, P
         path = Path(config_file)
         if not path.is_absolute() and rootdir is not None and not path.exists():
             path = rootdir / path
-        data = _read_toml(path, "platform file")
+        data = read_toml(path, "platform file")
         unknown = set(data) - {"platforms"}
         if unknown:
             key = sorted(unknown)[0]
@@ -507,9 +456,3 @@ def select(known: Mapping[str, Platform], names: list[str]) -> list[Platform]:
             )
         chosen.append(known[name])
     return chosen
-
-
-def with_overrides(platform: Platform, **changes: Any) -> Platform:
-    """A copy with the given fields replaced (used for command-line overrides)."""
-    valid = {f.name for f in fields(Platform)}
-    return replace(platform, **{k: v for k, v in changes.items() if k in valid and v is not None})

@@ -7,15 +7,14 @@ import of this module, `settings` and `platforms`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 from . import settings as settings_module
-from .errors import ConfigError, PlatformError
-from .runtime import CLIENT_FIXTURES, WORKERINPUT_KEY, WORKEROUTPUT_KEY, Runtime
+from .errors import ConfigError
+from .runtime import CLIENT_FIXTURES, Runtime
 
 if TYPE_CHECKING:
     import openai
@@ -57,7 +56,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the markers and resolve the settings (bad values: exit 4)."""
+    """Register the markers, resolve the settings (bad values: exit 4) and this process's role."""
     config.addinivalue_line(
         "markers", "vllm_platforms(*names): run only on these LLM platforms, skip elsewhere"
     )
@@ -66,113 +65,22 @@ def pytest_configure(config: pytest.Config) -> None:
         "vllm_requires(*capabilities): skip on LLM platforms that lack a capability "
         "(tools, json_schema, streaming, ...)",
     )
+    if config.option.help:
+        return  # `--help` works whatever the environment holds (a real run still checks it)
     try:
         settings = settings_module.from_pytest(config)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
-    runtime = Runtime(settings=settings, is_worker=hasattr(config, "workerinput"))
-    config.stash[RUNTIME] = runtime
-    if runtime.is_worker:
-        runtime.load_workerinput(config.workerinput[WORKERINPUT_KEY])  # type: ignore[attr-defined]
+    runtime = config.stash[RUNTIME] = Runtime(settings=settings)
+    from .roles import Controller, Worker
 
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Before collection: resolve, start and wake the selected platforms (controller only)."""
-    config = session.config
-    runtime = _runtime(config)
-    if runtime.is_worker or not runtime.selected:
-        return
-    from .platforms import select
-    from .reporting import WakeProgress
-    from .session import EndpointSession
-
-    settings = runtime.settings
-    skip = settings["unavailable"] == "skip"
-    try:
-        platforms = select(runtime.known(), runtime.selected)
-        runtime.capabilities = {p.name: tuple(p.capabilities) for p in platforms}
-        if config.option.collectonly:
-            return  # collection needs names and capabilities only: nothing is started
-        settings_module.apply_env_file(settings.env_file_values)
-        runtime.session = EndpointSession(platforms, settings)
-    except ConfigError as error:
-        raise pytest.UsageError(str(error)) from None
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    progress = None
-    if reporter is not None:
-        tty = reporter.isatty() if callable(reporter.isatty) else reporter.isatty
-        progress = WakeProgress(
-            reporter.write_line, (lambda line: reporter.rewrite(line, erase=True)) if tty else None
-        )
-    import httpx  # noqa: F401  (before the pre-import thread: the wake needs it first)
-
-    if not getattr(config.option, "numprocesses", None):
-        # xdist workers import their own clients; without xdist, import them during the wait.
-        from .clients import prewarm_imports
-
-        prewarm_imports()
-    try:
-        runtime.session.start(fail_fast=not skip, on_progress=progress)
-    except PlatformError as error:
-        if progress is not None:
-            progress.finish()
-        runtime.session.close()
-        if isinstance(error, ConfigError):
-            raise pytest.UsageError(str(error)) from None
-        pytest.exit(str(error), returncode=error.exit_code)
-    if progress is not None:
-        progress.finish()
-    runtime.endpoints = runtime.session.endpoints
-    runtime.unavailable = {name: str(err) for name, err in runtime.session.errors.items()}
-
-
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    """One line per woken platform, plus where each effective setting came from."""
-    runtime = _runtime(config)
-    if not runtime.selected:
-        return []
-    from .reporting import header_line, settings_line
-
-    lines = [
-        header_line(runtime.endpoints[name])
-        for name in runtime.selected
-        if name in runtime.endpoints
-    ]
-    lines += [
-        f"vllm: {name} unavailable, its tests are skipped"
-        for name in runtime.selected
-        if name in runtime.unavailable
-    ]
-    if runtime.session is not None:
-        for run in runtime.session.runs:
-            lines.append(
-                settings_line(
-                    run.name,
-                    {
-                        "wake_timeout": (run.wake_timeout, run.wake_timeout_source),
-                        "keep_alive": (run.keep_alive, run.keep_alive_source),
-                        "unavailable": (
-                            runtime.settings["unavailable"],
-                            runtime.settings.sources["unavailable"],
-                        ),
-                    },
-                )
-            )
-    return lines
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    """xdist: hand the woken endpoints to each worker."""
-    node.workerinput[WORKERINPUT_KEY] = _runtime(node.config).to_workerinput()
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    """xdist: merge a finished worker's usage counters."""
-    usage = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
-    if usage:
-        _runtime(node.config).meter.merge(usage)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        runtime.is_worker = True
+        config.pluginmanager.register(Worker(runtime, workerinput), "modal_vllm_worker")
+    elif runtime.selected and not config.option.collectonly:
+        # Collection needs names and capabilities only: nothing is started without tests.
+        config.pluginmanager.register(Controller(runtime), "modal_vllm_controller")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -191,41 +99,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason = runtime.skip_reason(item)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Workers hand their usage to the controller; the controller writes the reports."""
-    config = session.config
-    runtime = _runtime(config)
-    if runtime.is_worker:
-        config.workeroutput[WORKEROUTPUT_KEY] = runtime.meter.snapshot()  # type: ignore[attr-defined]
-        return
-    if not runtime.selected or config.option.collectonly:
-        return
-    from .usage import markdown, report_rows, write_json
-
-    rows = report_rows(runtime.report_platforms(), runtime.meter, runtime.keep_alive_pings())
-    if runtime.settings["report"]:
-        write_json(runtime.settings["report"], rows)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(markdown(rows))
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """The `vllm usage` section: requests, tokens, latency, wake and pings per platform."""
-    runtime = _runtime(config)
-    if runtime.is_worker or not runtime.selected or config.option.collectonly:
-        return
-    from .usage import report_rows, table_lines
-
-    rows = report_rows(runtime.report_platforms(), runtime.meter, runtime.keep_alive_pings())
-    terminalreporter.write_sep("=", "vllm usage")
-    for line in table_lines(rows):
-        terminalreporter.write_line(line)
-    if runtime.settings["report"]:
-        terminalreporter.write_line(f"vllm report written to {runtime.settings['report']}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -283,9 +156,9 @@ def vllm_endpoint(vllm_platform: str, request: pytest.FixtureRequest) -> Endpoin
     runtime = _runtime(request.config)
     if vllm_platform in runtime.unavailable:
         pytest.skip(runtime.unavailable[vllm_platform])
-    if vllm_platform not in runtime.endpoints:
+    if vllm_platform not in runtime.ready:
         pytest.skip(f"LLM platform {vllm_platform!r} was not started in this run (--collect-only?)")
-    return runtime.endpoints[vllm_platform]
+    return runtime.ready[vllm_platform].endpoint
 
 
 @pytest.fixture(scope="session")

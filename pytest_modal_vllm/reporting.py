@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .endpoint import Endpoint
 from .platforms import Platform
 from .wake import WakeState
+
+if TYPE_CHECKING:
+    from .resolution import Setting
 
 # Without a terminal (CI logs), a progress line is printed when the last answer changes, and
 # at least this often while nothing changes.
@@ -60,9 +63,9 @@ def header_line(endpoint: Endpoint) -> str:
     )
 
 
-def settings_line(name: str, values: Mapping[str, tuple[Any, str]]) -> str:
+def settings_line(name: str, values: Mapping[str, Setting[Any]]) -> str:
     """`vllm: NAME wake_timeout=900 (modal default), keep_alive=ping (command line)`."""
-    parts = [f"{key}={_show(value)} ({source})" for key, (value, source) in values.items()]
+    parts = [f"{key}={_show(s.value)} ({s.source})" for key, s in values.items()]
     return f"vllm: {name} " + ", ".join(parts)
 
 

@@ -1,7 +1,7 @@
 """The plugin's per-run state, kept in `config.stash`, and the decisions made from it.
 
 The controller fills it in `pytest_sessionstart` (after the wake); xdist workers fill it from
-`workerinput`. Hooks and fixtures in `plugin.py` only ask it questions.
+`workerinput`. Hooks and fixtures only ask it questions.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .endpoint import Endpoint
 from .platforms import Platform, load_platforms
 from .settings import Settings
 from .usage import UsageMeter
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
     import pytest
 
     from .clients import ClientFactory
-    from .session import EndpointSession
+    from .session import EndpointSession, ReadyPlatform
 
 LLM_FIXTURES = frozenset(
     {
@@ -43,13 +42,13 @@ class Runtime:
 
     settings: Settings
     is_worker: bool = False
-    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    ready: dict[str, ReadyPlatform] = field(default_factory=dict)
     # Platforms that could not be woken under --vllm-unavailable=skip: name -> paragraph.
     unavailable: dict[str, str] = field(default_factory=dict)
-    capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict)
     meter: UsageMeter = field(default_factory=UsageMeter)
     session: EndpointSession | None = None
     factories: dict[str, ClientFactory] = field(default_factory=dict)
+    _capabilities: dict[str, tuple[str, ...]] | None = None
     _known: dict[str, Platform] | None = None
 
     @property
@@ -74,6 +73,16 @@ class Runtime:
 
             return sorted(builtin_platforms())
 
+    @property
+    def capabilities(self) -> dict[str, tuple[str, ...]]:
+        """The capabilities of each selected platform (from its definition)."""
+        if self._capabilities is None:
+            known = self.known()
+            self._capabilities = {
+                name: known[name].capabilities for name in self.selected if name in known
+            }
+        return self._capabilities
+
     def no_platform_reason(self) -> str:
         """The documented skip reason when no platform is selected."""
         return (
@@ -86,7 +95,10 @@ class Runtime:
         from .clients import ClientFactory
 
         if name not in self.factories:
-            self.factories[name] = ClientFactory(self.endpoints[name], self.meter)
+            ready = self.ready[name]
+            self.factories[name] = ClientFactory(
+                ready.endpoint, ready.client, self.meter, ready.wake.rewake
+            )
         return self.factories[name]
 
     # ------------------------------------------------------------------ skipping
@@ -135,18 +147,20 @@ class Runtime:
     # ------------------------------------------------------------------ xdist
 
     def to_workerinput(self) -> dict[str, Any]:
-        """What a worker needs: endpoints, unavailable platforms, capabilities."""
+        """What a worker needs: woken platforms, unavailable ones, capabilities."""
         return {
-            "endpoints": {name: e.to_dict() for name, e in self.endpoints.items()},
+            "ready": {name: ready.to_dict() for name, ready in self.ready.items()},
             "unavailable": dict(self.unavailable),
             "capabilities": {name: list(caps) for name, caps in self.capabilities.items()},
         }
 
     def load_workerinput(self, data: Mapping[str, Any]) -> None:
-        """Take the controller's endpoints (workers never start or wake anything)."""
-        self.endpoints = {name: Endpoint.from_dict(e) for name, e in data["endpoints"].items()}
+        """Take the controller's platforms (workers never start or wake anything)."""
+        from .session import ReadyPlatform
+
+        self.ready = {name: ReadyPlatform.from_dict(d) for name, d in data["ready"].items()}
         self.unavailable = dict(data["unavailable"])
-        self.capabilities = {name: tuple(caps) for name, caps in data["capabilities"].items()}
+        self._capabilities = {name: tuple(caps) for name, caps in data["capabilities"].items()}
 
     # ------------------------------------------------------------------ reports
 
@@ -154,8 +168,9 @@ class Runtime:
         """Per selected platform: what the report rows show about its endpoint."""
         rows = []
         for name in self.selected:
-            endpoint = self.endpoints.get(name)
-            if endpoint is not None:
+            ready = self.ready.get(name)
+            if ready is not None:
+                endpoint = ready.endpoint
                 rows.append(
                     {
                         "name": name,

@@ -12,34 +12,33 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .endpoint import Endpoint
-from .errors import ConfigError, PlatformError
+from .errors import PlatformError
 from .keepalive import AutoscalerKeepAlive, KeepAlive, PingKeepAlive
-from .platforms import Platform, expand
 from .providers import make_provider
-from .providers.base import Provider, Target
-from .settings import Settings
-from .wake import WakeRequest, WakeResult, WakeState, wake_all
+from .providers.base import Provider
+from .providers.process import ProcessWatch
+from .resolution import ClientOptions, ResolvedPlatform
+from .wake import Waker, WakeRequest, WakeResult, WakeState, wake_all
+
+# --vllm-no-wake with no model set: how long the one look for the served model may take.
+NO_WAKE_TIMEOUT = 10.0
 
 
 @dataclass
 class PlatformRun:
-    """One selected platform in this session: its effective settings and what became of it."""
+    """One selected platform in this session and what became of it."""
 
-    platform: Platform
-    wake_timeout: float
-    wake_timeout_source: str
-    keep_alive: str
-    keep_alive_source: str
-    keep_alive_interval: float
+    platform: ResolvedPlatform
     provider: Provider | None = None
-    target: Target | None = None
+    # The wake of the started platform: used before collection and for every re-wake.
+    wake: WakeRequest | None = None
     endpoint: Endpoint | None = None
     error: PlatformError | None = None
     keepalive: KeepAlive | None = None
@@ -50,40 +49,54 @@ class PlatformRun:
         return self.platform.name
 
 
+@dataclass(frozen=True)
+class ReadyPlatform:
+    """A woken platform as the tests' process sees it: its endpoint, how to build clients
+    for it, and the wake to repeat when it goes cold mid-session."""
+
+    endpoint: Endpoint
+    client: ClientOptions
+    wake: WakeRequest
+    # A process server's watch, for processes that are not its parent (xdist workers).
+    watch: ProcessWatch | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `workerinput` (secrets included: workers need them)."""
+        # Not asdict(): it would deep-copy the failure check (a provider's bound method).
+        wake = {f.name: getattr(self.wake, f.name) for f in fields(self.wake) if f.init}
+        del wake["failure"]
+        wake["headers"] = dict(self.wake.headers)
+        return {
+            "endpoint": self.endpoint.to_dict(),
+            "client": {**asdict(self.client), "extra_body": dict(self.client.extra_body)},
+            "wake": wake,
+            "watch": asdict(self.watch) if self.watch is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReadyPlatform:
+        """The inverse of `to_dict`; the wake's dead-process check is the watch."""
+        watch = ProcessWatch(**data["watch"]) if data["watch"] else None
+        wake = WakeRequest(**data["wake"], failure=watch or (lambda: None))
+        client = ClientOptions(**data["client"])
+        return cls(Endpoint.from_dict(data["endpoint"]), client, wake, watch)
+
+
 class EndpointSession:
-    """Starts, wakes, keeps alive and stops a set of platforms."""
+    """Starts, wakes, keeps alive and stops a set of resolved platforms."""
 
     def __init__(
         self,
-        platforms: Sequence[Platform],
-        settings: Settings,
+        platforms: Sequence[ResolvedPlatform],
         *,
+        no_wake: bool = False,
         log_dir: Path | None = None,
+        **provider_options: Any,
     ) -> None:
-        self.settings = settings
-        self.log_dir = log_dir
-        self.runs: list[PlatformRun] = []
-        for platform in platforms:
-            effective = settings.effective(platform)
-            wake_timeout, wake_source = effective["wake_timeout"]
-            keep_alive, keep_source = effective["keep_alive"]
-            if keep_alive == "autoscaler" and platform.kind != "modal":
-                raise ConfigError(
-                    f"keep-alive 'autoscaler' ({keep_source}) needs a modal platform, "
-                    f"this one is {platform.kind!r}",
-                    "use --vllm-keep-alive=ping or off for it",
-                    platform=platform.name,
-                )
-            self.runs.append(
-                PlatformRun(
-                    platform,
-                    float(wake_timeout),
-                    wake_source,
-                    str(keep_alive),
-                    keep_source,
-                    platform.keep_alive_interval,
-                )
-            )
+        """`provider_options` reach the providers that take them (`sdk` for modal ones)."""
+        self.runs = [PlatformRun(platform) for platform in platforms]
+        self.no_wake = no_wake
+        self.provider_options = {"log_dir": log_dir, **provider_options}
         self._closed = False
         self._previous_sigterm: Any = None
 
@@ -101,24 +114,22 @@ class EndpointSession:
         self._trap_sigterm()
         for run in self.runs:
             try:
-                run.provider = make_provider(
-                    run.platform,
-                    deploy=bool(self.settings["deploy"]),
-                    ephemeral=bool(self.settings["ephemeral"]),
-                    log_dir=self.log_dir,
-                )
-                run.target = run.provider.start()
+                run.provider = make_provider(run.platform, **self.provider_options)
+                run.wake = WakeRequest.of(run.platform, run.provider.start(), run.provider.failure)
             except PlatformError as error:
                 run.error = error.for_platform(run.name)
                 if fail_fast:
                     raise run.error from None
-        started = [run for run in self.runs if run.error is None and run.target is not None]
-        if self.settings["no_wake"]:
+        started = [run for run in self.runs if run.wake is not None]
+        if self.no_wake:
             for run in started:
                 self._finish(run, self._unwoken(run))
         else:
-            requests = [self._wake_request(run) for run in started]
-            results = wake_all(requests, on_progress=on_progress, fail_fast=fail_fast)
+            results = wake_all(
+                [run.wake for run in started if run.wake is not None],
+                on_progress=on_progress,
+                fail_fast=fail_fast,
+            )
             for run in started:
                 outcome = results[run.name]
                 if isinstance(outcome, PlatformError):
@@ -133,57 +144,37 @@ class EndpointSession:
             if run.endpoint is not None:
                 self._start_keepalive(run)
 
-    def _model(self, run: PlatformRun) -> str | None:
-        model = run.platform.model
-        return expand(run.name, "model", model) or None if model else None
-
-    def _wake_request(self, run: PlatformRun, timeout: float | None = None) -> WakeRequest:
-        assert run.target is not None
-        assert run.provider is not None
-        return WakeRequest(
-            platform=run.name,
-            base_url=run.target.base_url,
-            timeout=run.wake_timeout if timeout is None else timeout,
-            model=self._model(run),
-            api_key=run.target.api_key,
-            api_key_env=run.platform.api_key_env,
-            headers=run.target.headers,
-            failure=run.provider.failure,
-        )
-
     def _unwoken(self, run: PlatformRun) -> WakeResult:
         """--vllm-no-wake: the endpoint is used as it is; only the model must be known."""
-        model = self._model(run)
-        if model:
-            return WakeResult(model, 0.0, False, 0)
-        # One look at /v1/models, without waiting: the user asked not to wait.
-        from .wake import Waker
-
-        return Waker(self._wake_request(run, timeout=10.0)).run()
+        assert run.wake is not None
+        if run.platform.model:
+            return WakeResult(run.platform.model, 0.0, False, 0)
+        # A short look at /v1/models, without a long wait: the user asked not to wait.
+        return Waker(replace(run.wake, timeout=NO_WAKE_TIMEOUT)).run()
 
     def _finish(self, run: PlatformRun, result: WakeResult) -> None:
-        assert run.target is not None
+        assert run.wake is not None
         run.endpoint = Endpoint(
             platform=run.name,
-            base_url=run.target.base_url,
+            base_url=run.wake.base_url,
             model=result.model,
-            api_key=run.target.api_key,
-            headers=dict(run.target.headers),
+            api_key=run.platform.api_key,
+            headers=dict(run.platform.headers),
             wake_seconds=result.seconds,
             cold=result.cold,
-            capabilities=tuple(run.platform.capabilities),
-            client_options=run.platform.client_options,
-            wake_timeout=run.wake_timeout,
-            api_key_env=run.platform.api_key_env,
         )
 
     def _start_keepalive(self, run: PlatformRun) -> None:
         assert run.endpoint is not None
-        if run.keep_alive == "ping":
+        mode = run.platform.keep_alive.value
+        if mode == "ping":
             run.keepalive = PingKeepAlive(
-                run.name, run.endpoint.root_url, run.keep_alive_interval, run.endpoint.headers
+                run.name,
+                run.endpoint.root_url,
+                run.platform.keep_alive_interval,
+                run.endpoint.headers,
             ).start()
-        elif run.keep_alive == "autoscaler":
+        elif mode == "autoscaler":
             keepalive = AutoscalerKeepAlive(run.provider)  # type: ignore[arg-type]
             run.keepalive = keepalive  # before start(): a failing pin is still undone by close()
             keepalive.start()
@@ -194,6 +185,20 @@ class EndpointSession:
     def endpoints(self) -> dict[str, Endpoint]:
         """The woken endpoints by platform name."""
         return {run.name: run.endpoint for run in self.runs if run.endpoint is not None}
+
+    def ready(self) -> dict[str, ReadyPlatform]:
+        """The woken platforms, as tests and xdist workers need them."""
+        return {
+            run.name: ReadyPlatform(
+                run.endpoint,
+                run.platform.client,
+                run.wake,
+                # Only a process server has a watch (duck-typed: one kind needs it).
+                getattr(run.provider, "watch", lambda: None)(),
+            )
+            for run in self.runs
+            if run.endpoint is not None and run.wake is not None
+        }
 
     @property
     def errors(self) -> dict[str, PlatformError]:

@@ -2,8 +2,10 @@
 
 Precedence, highest first (resolved in `resolve()`):
     command line > environment (MODAL_VLLM_*) > ini (pytest config) > platform field > default
-The platform-field level is applied per platform in `session.py` (`effective()`), since each
-selected platform may have its own `wake_timeout` and `keep_alive`.
+The platform-field and kind-default levels are applied per platform by
+`resolution.resolve_platform`, since each selected platform may have its own `wake_timeout`
+and `keep_alive`. The pytest plugin and the `modal-vllm` command both resolve through
+`load()`; the command reads the ini values with `read_ini()` the way pytest finds them.
 
 Values from the environment and ini are validated here and rejected with `ConfigError` (exit 4);
 command-line values are validated by argparse `type=`/`choices=` while pytest parses them.
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .platforms import KEEP_ALIVE_MODES, Platform
+from .platforms import KEEP_ALIVE_MODES
 
 if TYPE_CHECKING:
     import pytest
@@ -200,21 +202,6 @@ class Settings:
         """`name=value (source)` for the report header."""
         return f"{dest}={self.values[dest]} ({self.sources[dest]})"
 
-    def effective(self, platform: Platform) -> dict[str, tuple[Any, str]]:
-        """Per-platform `wake_timeout` and `keep_alive` with their sources (CLI/env/ini first)."""
-        result: dict[str, tuple[Any, str]] = {}
-        for dest, own, default in (
-            ("wake_timeout", platform.wake_timeout, platform.effective_wake_timeout),
-            ("keep_alive", platform.keep_alive, platform.effective_keep_alive),
-        ):
-            if self.values[dest] is not None:
-                result[dest] = (self.values[dest], self.sources[dest])
-            elif own is not None:
-                result[dest] = (own, f"platform {platform.name}")
-            else:
-                result[dest] = (default, f"{platform.kind} default")
-        return result
-
 
 def _split_names(raw: list[str] | str) -> list[str]:
     items = raw if isinstance(raw, list) else [raw]
@@ -281,6 +268,7 @@ def resolve(
                         f'write {option.ini} = "..." as a single string',
                     )
                 raw = " ".join(str(item) for item in raw)
+            raw = str(raw)  # a TOML config file may hold numbers and booleans
             # An empty ini value is meaningful only for the env file (it disables .env).
             if raw == "" and option.dest != "env_file":
                 value, source = DEFAULTS[option.dest], "default"
@@ -331,23 +319,85 @@ def apply_env_file(values: Mapping[str, str]) -> list[str]:
     return added
 
 
+def load(
+    cli: Mapping[str, Any], ini: Mapping[str, Any], rootdir: Path | None = None
+) -> Settings:
+    """Resolve the settings of a run, reading the .env file first (without applying it).
+
+    `cli` maps option dest -> value or None; `ini` maps ini key -> raw value or None.
+    """
+    # The env file's location itself comes from CLI > env > ini, before .env can say anything.
+    env_option = OPTIONS_BY_DEST["env_file"]
+    env_file = cli.get("env_file")
+    if env_file is None:
+        env_file = os.environ.get(env_option.env or "")
+    if env_file is None:
+        env_file = ini.get(env_option.ini or "")
+    file_values = read_env_file(env_file_path(env_file, rootdir))
+    settings = resolve(cli, ini, {**file_values, **os.environ}, rootdir=rootdir)
+    return Settings(settings.values, settings.sources, rootdir, file_values)
+
+
 def from_pytest(config: pytest.Config) -> Settings:
-    """Resolve the settings of a pytest run, reading the .env file first (without applying it)."""
+    """The settings of a pytest run (command line, environment, .env, pytest's ini)."""
     cli = {option.dest: config.getoption(f"vllm_{option.dest}") for option in OPTIONS}
     ini = {
         option.ini: None if (value := config.getini(option.ini)) == INI_UNSET else value
         for option in OPTIONS
         if option.ini
     }
-    rootdir = Path(config.rootpath)
-    # The env file's location itself comes from CLI > env > ini, before .env can say anything.
-    env_option = OPTIONS_BY_DEST["env_file"]
-    env_file = cli["env_file"]
-    if env_file is None:
-        env_file = os.environ.get(env_option.env or "")
-    if env_file is None:
-        env_file = ini.get(env_option.ini or "")
-    file_values = read_env_file(env_file_path(env_file, rootdir))
-    environ = {**file_values, **os.environ}
-    settings = resolve(cli, ini, environ, rootdir=rootdir)
-    return Settings(settings.values, settings.sources, rootdir, file_values)
+    return load(cli, ini, Path(config.rootpath))
+
+
+# pytest's config files, in the order it looks for them in each directory, with the table
+# that holds its settings (pytest 9 reads pytest.toml and [tool.pytest] natively).
+_INI_FILES = (
+    ("pytest.toml", ("pytest",)),
+    (".pytest.toml", ("pytest",)),
+    ("pytest.ini", ("pytest",)),
+    (".pytest.ini", ("pytest",)),
+    ("pyproject.toml", ("tool", "pytest", "ini_options")),
+    ("pyproject.toml", ("tool", "pytest")),
+    ("tox.ini", ("pytest",)),
+    ("setup.cfg", ("tool:pytest",)),
+)
+
+
+def read_ini(start: Path) -> tuple[Path, dict[str, Any]]:
+    """The rootdir and the `vllm_*` ini values, found as pytest finds its config file.
+
+    The nearest directory from `start` upwards with a pytest config file is the rootdir; with
+    none, as in pytest, the nearest with a `pyproject.toml`, else `start`. Only this plugin's
+    keys are returned.
+    """
+    keys = {option.ini for option in OPTIONS if option.ini}
+    for directory in (start, *start.parents):
+        for name, table in _INI_FILES:
+            values = _ini_table(directory / name, table)
+            if values is not None:
+                return directory, {k: v for k, v in values.items() if k in keys}
+    for directory in (start, *start.parents):
+        if (directory / "pyproject.toml").is_file():
+            return directory, {}
+    return start, {}
+
+
+def _ini_table(path: Path, table: tuple[str, ...]) -> dict[str, Any] | None:
+    """The table of a config file, or None when the file or the table is absent."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".toml":
+        from .platforms import read_toml
+
+        data: Any = read_toml(path)
+        for key in table:
+            data = data.get(key) if isinstance(data, dict) else None
+        return dict(data) if isinstance(data, dict) else None
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path, encoding="utf-8")
+    if parser.has_section(table[0]):
+        return dict(parser[table[0]])
+    # pytest.ini is the config file even without a [pytest] section.
+    return {} if path.name in ("pytest.ini", ".pytest.ini") else None

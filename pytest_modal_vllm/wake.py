@@ -29,15 +29,17 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 from .errors import ConfigError, PlatformError, UnavailableError
+from .probe import get, health_url, root_of
 
 if TYPE_CHECKING:
     import httpx
+
+    from .resolution import ResolvedPlatform
 
 # A first probe open longer than this was held by the endpoint: the wake counts as cold.
 HELD_AFTER = 1.0
 FIRST_PAUSE = 0.05
 MAX_PAUSE = 0.25
-CONNECT_TIMEOUT = 10.0
 PROXY_AUTH_MARKER = "missing credentials for proxy authorization"
 PROXY_AUTH_INVALID_MARKER = "invalid credentials for proxy authorization"
 
@@ -66,7 +68,11 @@ class Outcome:
 
 @dataclass(frozen=True)
 class WakeRequest:
-    """What to wake: the URLs and credentials of one started platform."""
+    """What to wake: the URLs and credentials of one started platform.
+
+    The session builds one per platform (`of()`) and uses it for the wake before collection
+    and for every re-wake during the run, so both check the same things.
+    """
 
     platform: str
     base_url: str
@@ -75,14 +81,36 @@ class WakeRequest:
     api_key: str | None = field(default=None, repr=False)
     api_key_env: str = "VLLM_API_KEY"
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    proxy_auth: bool = False
     # Returns why the endpoint can never come up (a dead server process), or None.
-    failure: Callable[[], str | None] = lambda: None
+    failure: Callable[[], str | None] = field(default=lambda: None, compare=False)
+
+    @classmethod
+    def of(
+        cls,
+        platform: ResolvedPlatform,
+        base_url: str,
+        failure: Callable[[], str | None] | None = None,
+    ) -> WakeRequest:
+        """The wake of a started platform at `base_url`."""
+        return cls(
+            platform=platform.name,
+            base_url=base_url,
+            timeout=platform.wake_timeout.value,
+            model=platform.model,
+            api_key=platform.api_key,
+            api_key_env=platform.api_key_env,
+            headers=platform.headers,
+            failure=failure or (lambda: None),
+        )
 
     @property
     def root_url(self) -> str:
         """The base URL without `/v1`."""
-        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        return root_of(self.base_url)
+
+    def rewake(self) -> WakeResult:
+        """Wake again (mid-session, after the endpoint went cold); raises `PlatformError`."""
+        return Waker(self).run()
 
 
 @dataclass(frozen=True)
@@ -257,7 +285,7 @@ class Waker:
             headers["Authorization"] = f"Bearer {request.api_key}"
         with httpx.Client(headers=headers, follow_redirects=False) as client:
             try:
-                self._wait_for(client, "health", f"{request.root_url}/health", deadline)
+                self._wait_for(client, "health", health_url(request.root_url), deadline)
                 model = self._wait_for(client, "models", f"{request.base_url}/models", deadline)
             except PlatformError as error:
                 self.state.failed = True
@@ -270,34 +298,23 @@ class Waker:
         return WakeResult(model or "", seconds, self._cold, self.probes)
 
     def _wait_for(self, client: httpx.Client, phase: str, url: str, deadline: float) -> str | None:
-        import httpx
-
         self.state.phase = phase
         pause = FIRST_PAUSE
         target = url
         while True:
             self._check_alive(deadline)
-            remaining = deadline - time.monotonic()
-            status: int | None = None
-            body = ""
-            location = None
-            error: BaseException | None = None
             sent = time.monotonic()
             self.state.in_flight_since = sent
             self.probes += 1
             try:
                 # Read timeout = the time left: a held request is answered the moment the
                 # endpoint is ready, and never waited on past the deadline.
-                timeout = httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT, remaining))
-                response = client.get(target, timeout=timeout)
-                status, body = response.status_code, response.text
-                location = response.headers.get("location")
-            except httpx.HTTPError as exc:
-                error = exc
+                answer = get(client, target, deadline - sent)
             finally:
                 self.state.in_flight_since = None
+            status, body = answer.status, answer.body
             held = time.monotonic() - sent > HELD_AFTER
-            outcome = classify(phase, status, body, error, location)
+            outcome = classify(phase, status, body, answer.error, answer.location)
             # Cold: the wake had to wait (not ready, redirected after a hold, or held open).
             if held or outcome.verdict in (Verdict.NOT_READY, Verdict.REDIRECT):
                 self._cold = True

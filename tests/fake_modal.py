@@ -33,10 +33,10 @@ from typing import Any
 from pytest_modal_vllm.errors import UnavailableError
 from pytest_modal_vllm.modal_sdk import (
     ModalStatus,
+    ModalTarget,
     NotDeployedError,
     auth_error,
     not_deployed_error,
-    target_name,
 )
 
 
@@ -106,74 +106,67 @@ class FakeModal:
         state["deployed"] = sorted(apps)
         self._save(state)
 
-    def _url(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> str:
-        url = self._urls().get(f"{app}/{target_name(function, server)}")
-        if url is None or app not in self._deployed():
-            raise not_deployed_error(
-                app, function, server, environment, "fake Modal: no such deployed app"
-            )
+    def _url(self, target: ModalTarget) -> str:
+        url = self._urls().get(f"{target.app}/{target.name}")
+        if url is None or target.app not in self._deployed():
+            raise not_deployed_error(target, "fake Modal: no such deployed app")
         return url.rstrip("/")
+
+    @staticmethod
+    def _fields(target: ModalTarget) -> dict[str, Any]:
+        return {
+            "app": target.app,
+            "function": target.function,
+            "server": target.server,
+            "environment": target.environment,
+        }
 
     # -- the adapter
 
-    def locate(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> str:
+    def locate(self, target: ModalTarget) -> str:
         """The URL from `FAKE_MODAL_URLS`, if the app counts as deployed."""
-        self._record("locate", app=app, function=function, server=server, environment=environment)
+        self._record("locate", **self._fields(target))
         self._check("locate")
-        return self._url(app, function, server, environment)
+        return self._url(target)
 
-    def status(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> ModalStatus:
+    def status(self, target: ModalTarget) -> ModalStatus:
         """Deployed or not, and the URL."""
-        self._record("status", app=app, function=function, server=server, environment=environment)
+        self._record("status", **self._fields(target))
         self._check("status")
         try:
-            return ModalStatus(deployed=True, url=self._url(app, function, server, environment))
+            return ModalStatus(deployed=True, url=self._url(target))
         except NotDeployedError as error:
             return ModalStatus(deployed=False, url=None, detail=error.problem)
 
-    def deploy(
-        self, app_file: Path, deploy_env: Mapping[str, str], app_name: str, environment: str | None
-    ) -> None:
+    def deploy(self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget) -> None:
         """Record the deploy and mark the app deployed."""
         self._record(
             "deploy",
             app_file=str(app_file),
             deploy_env=dict(deploy_env),
-            app_name=app_name,
-            environment=environment,
+            app_name=target.app,
+            environment=target.environment,
         )
         self._check("deploy")
-        self._set_deployed(self._deployed() | {app_name})
+        self._set_deployed(self._deployed() | {target.app})
 
     @contextlib.contextmanager
     def ephemeral(
-        self,
-        app_file: Path,
-        deploy_env: Mapping[str, str],
-        function: str | None,
-        server: str | None,
-        environment: str | None,
+        self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget
     ) -> Iterator[str]:
         """Yield the URL of `APP_NAME/target` from `FAKE_MODAL_URLS`; record enter and exit."""
         fields = {
             "app_file": str(app_file),
             "deploy_env": dict(deploy_env),
-            "function": function,
-            "server": server,
-            "environment": environment,
+            "function": target.function,
+            "server": target.server,
+            "environment": target.environment,
         }
         self._record("ephemeral_enter", **fields)
         self._check("ephemeral")
-        app = deploy_env.get("APP_NAME", "")
-        url = self._urls().get(f"{app}/{target_name(function, server)}")
+        url = self._urls().get(f"{target.app}/{target.name}")
         if url is None:
-            raise not_deployed_error(app, function, server, environment, "fake Modal: no URL")
+            raise not_deployed_error(target, "fake Modal: no URL")
         error: BaseException | None = None
         try:
             yield url.rstrip("/")
@@ -183,51 +176,33 @@ class FakeModal:
         finally:
             self._record("ephemeral_exit", error=type(error).__name__ if error else None, **fields)
 
-    def get_min_containers(
-        self, app: str, function: str | None, server: str | None, environment: str | None
-    ) -> int:
+    def get_min_containers(self, target: ModalTarget) -> int:
         """The stored value (0 if none); a stored `null` cannot be read."""
-        key = f"{app}/{target_name(function, server)}"
-        self._record(
-            "get_min_containers", app=app, function=function, server=server, environment=environment
-        )
+        key = f"{target.app}/{target.name}"
+        self._record("get_min_containers", **self._fields(target))
         self._check("get_min_containers")
         values = self._state().get("min_containers", {})
         if key in values and values[key] is None:
             raise UnavailableError(f"fake Modal: cannot read min_containers of {key}", "")
         return int(values.get(key, 0))
 
-    def update_autoscaler(
-        self,
-        app: str,
-        function: str | None,
-        server: str | None,
-        environment: str | None,
-        min_containers: int,
-    ) -> None:
+    def update_autoscaler(self, target: ModalTarget, min_containers: int) -> None:
         """Store the new value."""
-        key = f"{app}/{target_name(function, server)}"
-        self._record(
-            "update_autoscaler",
-            app=app,
-            function=function,
-            server=server,
-            environment=environment,
-            min_containers=min_containers,
-        )
+        key = f"{target.app}/{target.name}"
+        self._record("update_autoscaler", **self._fields(target), min_containers=min_containers)
         self._check("update_autoscaler")
         state = self._state()
         state.setdefault("min_containers", {})[key] = min_containers
         self._save(state)
 
-    def stop_app(self, app: str, environment: str | None) -> bool:
+    def stop_app(self, target: ModalTarget) -> bool:
         """Remove the app from the deployed ones; False if it was not deployed."""
-        self._record("stop_app", app=app, environment=environment)
+        self._record("stop_app", app=target.app, environment=target.environment)
         self._check("stop_app")
         deployed = self._deployed()
-        if app not in deployed:
+        if target.app not in deployed:
             return False
-        self._set_deployed(deployed - {app})
+        self._set_deployed(deployed - {target.app})
         return True
 
 

@@ -14,6 +14,7 @@ from fake_modal import read_calls, read_state
 
 from pytest_modal_vllm.keepalive import AutoscalerKeepAlive, PingKeepAlive
 from pytest_modal_vllm.platforms import Platform
+from pytest_modal_vllm.resolution import resolve_platforms
 from pytest_modal_vllm.session import EndpointSession
 from pytest_modal_vllm.settings import resolve
 from pytest_modal_vllm.stub_server import StubServer
@@ -49,7 +50,7 @@ def test_pings_are_counted_against_the_server(
 ) -> None:
     server = endpoint_server()
     keepalive = PingKeepAlive("p", server.root_url, 0.05).start()
-    assert keepalive.url == f"{server.root_url}/health"
+    assert keepalive.root_url == server.root_url
     assert wait_until(lambda: keepalive.pings >= 3)
     keepalive.stop()
     # After stop() returned, the thread is gone: every ping it sent is counted on both sides.
@@ -209,10 +210,11 @@ def modal_platform(name: str, **fields: object) -> Platform:
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=repr)
 def test_close_restores_the_autoscaler_when_a_provider_stop_raises(error: BaseException) -> None:
     settings = resolve({"keep_alive": "autoscaler"}, {}, {})
-    session = EndpointSession([modal_platform("a"), modal_platform("b")], settings)
+    platforms = resolve_platforms([modal_platform("a"), modal_platform("b")], settings)
+    session = EndpointSession(platforms)
     log: list[str] = []
     for run in session.runs:
-        assert run.keep_alive == "autoscaler"
+        assert run.platform.keep_alive.value == "autoscaler"
         run.keepalive = AutoscalerKeepAlive(FakePinnable(log, run.name)).start()
         run.provider = FailingProvider(log, run.name, error)  # type: ignore[assignment]
     log.clear()
@@ -231,7 +233,7 @@ def test_close_restores_the_autoscaler_when_a_provider_stop_raises(error: BaseEx
 
 def test_close_restores_the_autoscaler_when_its_own_unpin_raises() -> None:
     settings = resolve({"keep_alive": "autoscaler"}, {}, {})
-    session = EndpointSession([modal_platform("a")], settings)
+    session = EndpointSession(resolve_platforms([modal_platform("a")], settings))
     log: list[str] = []
     (run,) = session.runs
     pinnable = FakePinnable(log)
@@ -263,7 +265,7 @@ def test_session_pins_through_the_modal_provider_and_close_restores_after_a_fail
         monkeypatch.delenv(name, raising=False)
 
     settings = resolve({"keep_alive": "autoscaler"}, {}, {})
-    session = EndpointSession([modal_platform("m")], settings)
+    session = EndpointSession(resolve_platforms([modal_platform("m")], settings))
     try:
         session.start(fail_fast=True)
         assert read_state(state)["min_containers"]["my-app/serve"] == 1

@@ -10,9 +10,11 @@ import pytest
 from fake_modal import FakeModal, read_calls, read_state
 
 from pytest_modal_vllm.errors import ConfigError, UnavailableError
-from pytest_modal_vllm.modal_sdk import NotDeployedError, bundled_app_file
+from pytest_modal_vllm.modal_sdk import ModalTarget, NotDeployedError, bundled_app_file
 from pytest_modal_vllm.platforms import Platform
 from pytest_modal_vllm.providers.modal import ModalProvider
+from pytest_modal_vllm.resolution import ResolvedPlatform, resolve_platform
+from pytest_modal_vllm.settings import resolve
 
 URL = "http://127.0.0.1:8765"
 
@@ -29,10 +31,12 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeModal:
     return FakeModal()
 
 
-def platform(**fields: Any) -> Platform:
+def platform(*, deploy: bool = False, ephemeral: bool = False, **fields: Any) -> ResolvedPlatform:
+    """A modal platform resolved for a run with `--vllm-deploy`/`--vllm-ephemeral` or not."""
     values: dict[str, Any] = {"name": "m", "kind": "modal", "app": "my-app"}
     values.update(fields)
-    return Platform(**values)
+    settings = resolve({"deploy": deploy, "ephemeral": ephemeral}, {}, {})
+    return resolve_platform(Platform(**values), settings)
 
 
 def calls(tmp_path: Path) -> list[dict[str, Any]]:
@@ -50,10 +54,10 @@ def test_locate_gives_base_url_key_and_no_headers(
     fake: FakeModal, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("VLLM_API_KEY", "sk-1")
-    target = ModalProvider(platform(), sdk=fake).start()
-    assert target.base_url == f"{URL}/v1"
-    assert target.api_key == "sk-1"
-    assert dict(target.headers) == {}
+    resolved = platform()
+    assert ModalProvider(resolved, sdk=fake).start() == f"{URL}/v1"
+    assert resolved.api_key == "sk-1"
+    assert dict(resolved.headers) == {}
     assert calls(tmp_path) == [
         {
             "call": "locate",
@@ -70,8 +74,8 @@ def test_locate_passes_function_server_and_environment(
 ) -> None:
     monkeypatch.setenv("FAKE_MODAL_URLS", json.dumps({"my-app/web": URL, "my-app/Srv": URL + "/"}))
     ModalProvider(platform(function="web", environment="dev"), sdk=fake).start()
-    target = ModalProvider(platform(server="Srv"), sdk=fake).start()
-    assert target.base_url == f"{URL}/v1"  # trailing slash of the SDK's URL dropped
+    url = ModalProvider(platform(server="Srv"), sdk=fake).start()
+    assert url == f"{URL}/v1"  # trailing slash of the SDK's URL dropped
     located = [c for c in calls(tmp_path) if c["call"] == "locate"]
     assert located[0] == {
         "call": "locate",
@@ -132,12 +136,10 @@ def test_deploy_then_locate_with_deploy_env_and_app_name(
 ) -> None:
     monkeypatch.setenv("FAKE_MODAL_DEPLOYED", "")  # nothing deployed yet
     provider = ModalProvider(
-        platform(deploy_env={"MODEL_NAME": "Org/M", "GPU": "L4"}, environment="dev"),
-        deploy=True,
+        platform(deploy_env={"MODEL_NAME": "Org/M", "GPU": "L4"}, environment="dev", deploy=True),
         sdk=fake,
     )
-    target = provider.start()
-    assert target.base_url == f"{URL}/v1"
+    assert provider.start() == f"{URL}/v1"
     deploy, locate = calls(tmp_path)
     assert deploy == {
         "call": "deploy",
@@ -156,7 +158,7 @@ def test_relative_modal_app_resolves_against_the_current_directory(
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    ModalProvider(platform(modal_app="apps/server.py"), deploy=True, sdk=fake).start()
+    ModalProvider(platform(modal_app="apps/server.py", deploy=True), sdk=fake).start()
     assert calls(tmp_path)[0]["app_file"] == str(work / "apps" / "server.py")
 
 
@@ -167,7 +169,7 @@ def test_without_deploy_nothing_is_deployed(fake: FakeModal, tmp_path: Path) -> 
 
 def test_deploy_and_ephemeral_exclude_each_other(fake: FakeModal, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--vllm-deploy and --vllm-ephemeral"):
-        ModalProvider(platform(), deploy=True, ephemeral=True, sdk=fake).start()
+        ModalProvider(platform(deploy=True, ephemeral=True), sdk=fake).start()
     assert names(tmp_path) == []
 
 
@@ -176,22 +178,20 @@ def test_cli_deploy_status_and_stop(
 ) -> None:
     monkeypatch.setenv("FAKE_MODAL_DEPLOYED", "")
     provider = ModalProvider(platform(), sdk=fake)
-    assert provider.status().deployed is False
+    assert provider.status()[0] == "deployed: no"
     assert provider.deploy() == URL
-    status = provider.status()
-    assert (status.deployed, status.url) == (True, URL)
+    assert provider.status()[:2] == ["deployed: yes", f"url: {URL}/v1"]
     assert provider.stop_app() is True
     assert provider.stop_app() is False
-    assert provider.status().deployed is False
+    assert provider.status()[0] == "deployed: no"
 
 
 # ---------------------------------------------------------------- ephemeral
 
 
 def test_ephemeral_runs_until_stop(fake: FakeModal, tmp_path: Path) -> None:
-    provider = ModalProvider(platform(deploy_env={"GPU": "L4"}), ephemeral=True, sdk=fake)
-    target = provider.start()
-    assert target.base_url == f"{URL}/v1"
+    provider = ModalProvider(platform(deploy_env={"GPU": "L4"}, ephemeral=True), sdk=fake)
+    assert provider.start() == f"{URL}/v1"
     assert names(tmp_path) == ["ephemeral_enter"]
     entered = calls(tmp_path)[0]
     assert entered["deploy_env"] == {"GPU": "L4", "APP_NAME": "my-app"}
@@ -204,7 +204,7 @@ def test_ephemeral_runs_until_stop(fake: FakeModal, tmp_path: Path) -> None:
 
 
 def test_ephemeral_is_exited_when_the_session_fails(fake: FakeModal, tmp_path: Path) -> None:
-    provider = ModalProvider(platform(), ephemeral=True, sdk=fake)
+    provider = ModalProvider(platform(ephemeral=True), sdk=fake)
 
     def session() -> None:
         try:
@@ -221,7 +221,7 @@ def test_ephemeral_is_exited_when_the_session_fails(fake: FakeModal, tmp_path: P
 def test_ephemeral_context_records_an_exception_inside_it(fake: FakeModal, tmp_path: Path) -> None:
     with (
         pytest.raises(KeyboardInterrupt),
-        fake.ephemeral(Path("app.py"), {"APP_NAME": "my-app"}, "serve", None, None),
+        fake.ephemeral(Path("app.py"), {"APP_NAME": "my-app"}, ModalTarget("my-app")),
     ):
         raise KeyboardInterrupt
     assert calls(tmp_path)[-1]["call"] == "ephemeral_exit"
@@ -229,7 +229,7 @@ def test_ephemeral_context_records_an_exception_inside_it(fake: FakeModal, tmp_p
 
 
 def test_stop_after_a_failed_start_is_safe(fake: FakeModal) -> None:
-    provider = ModalProvider(platform(app="nowhere"), ephemeral=True, sdk=fake)
+    provider = ModalProvider(platform(app="nowhere", ephemeral=True), sdk=fake)
     with pytest.raises(NotDeployedError):
         provider.start()
     provider.stop()
@@ -242,9 +242,9 @@ def test_stop_after_a_failed_start_is_safe(fake: FakeModal) -> None:
 def test_proxy_auth_adds_modal_headers(fake: FakeModal, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODAL_PROXY_TOKEN_ID", "wk-id")
     monkeypatch.setenv("MODAL_PROXY_TOKEN_SECRET", "ws-secret")
-    target = ModalProvider(platform(proxy_auth=True), sdk=fake).start()
-    assert dict(target.headers) == {"Modal-Key": "wk-id", "Modal-Secret": "ws-secret"}
-    assert "ws-secret" not in repr(target)
+    resolved = platform(proxy_auth=True)
+    assert dict(resolved.headers) == {"Modal-Key": "wk-id", "Modal-Secret": "ws-secret"}
+    assert "ws-secret" not in repr(resolved)
 
 
 @pytest.mark.parametrize(
@@ -264,8 +264,8 @@ def test_missing_proxy_token_names_the_variables_before_any_deploy(
 ) -> None:
     for key, value in present.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(ConfigError) as caught:
-        ModalProvider(platform(proxy_auth=True), deploy=True, sdk=fake).start()
+    with pytest.raises(ConfigError) as caught:  # raised by the resolution, before any start
+        ModalProvider(platform(proxy_auth=True, deploy=True), sdk=fake).start()
     text = str(caught.value)
     for name in missing:
         assert name in text
@@ -366,7 +366,7 @@ def test_pin_errors_are_attributed(fake: FakeModal, monkeypatch: pytest.MonkeyPa
 def test_unpin_after_the_ephemeral_app_stopped_does_nothing(
     fake: FakeModal, tmp_path: Path
 ) -> None:
-    provider = ModalProvider(platform(), ephemeral=True, sdk=fake)
+    provider = ModalProvider(platform(ephemeral=True), sdk=fake)
     provider.start()
     provider.pin()
     provider.stop()

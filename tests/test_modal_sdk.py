@@ -24,6 +24,7 @@ from pytest_modal_vllm.errors import ConfigError, UnavailableError
 from pytest_modal_vllm.modal_sdk import (
     ADAPTER_ENV,
     ModalSDK,
+    ModalTarget,
     NotDeployedError,
     bundled_app_file,
     load_app_file,
@@ -118,8 +119,8 @@ def test_the_seam_reaches_subprocesses(tmp_path: Path) -> None:
     )
     result = run_python(
         """
-        from pytest_modal_vllm.modal_sdk import load_sdk
-        print(load_sdk().locate("a", "serve", None, None))
+        from pytest_modal_vllm.modal_sdk import ModalTarget, load_sdk
+        print(load_sdk().locate(ModalTarget("a")))
         """,
         env,
     )
@@ -141,18 +142,18 @@ socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 
 from pytest_modal_vllm.errors import PlatformError
-from pytest_modal_vllm.modal_sdk import ModalSDK, bundled_app_file
+from pytest_modal_vllm.modal_sdk import ModalSDK, ModalTarget, bundled_app_file
 
 sdk = ModalSDK()
 calls = {
-    "locate": lambda: sdk.locate("some-app", "serve", None, None),
-    "locate_server": lambda: sdk.locate("some-app", None, "Srv", "dev"),
-    "status": lambda: sdk.status("some-app", "serve", None, None),
-    "get_min_containers": lambda: sdk.get_min_containers("some-app", "serve", None, None),
-    "update_autoscaler": lambda: sdk.update_autoscaler("some-app", "serve", None, None, 1),
-    "stop_app": lambda: sdk.stop_app("some-app", None),
-    "deploy": lambda: sdk.deploy(bundled_app_file(), {}, "some-app", None),
-    "ephemeral": lambda: sdk.ephemeral(bundled_app_file(), {}, "serve", None, None).__enter__(),
+    "locate": lambda: sdk.locate(ModalTarget("some-app")),
+    "locate_server": lambda: sdk.locate(ModalTarget("some-app", None, "Srv", "dev")),
+    "status": lambda: sdk.status(ModalTarget("some-app")),
+    "get_min_containers": lambda: sdk.get_min_containers(ModalTarget("some-app")),
+    "update_autoscaler": lambda: sdk.update_autoscaler(ModalTarget("some-app"), 1),
+    "stop_app": lambda: sdk.stop_app(ModalTarget("some-app")),
+    "deploy": lambda: sdk.deploy(bundled_app_file(), {}, ModalTarget("some-app")),
+    "ephemeral": lambda: sdk.ephemeral(bundled_app_file(), {}, ModalTarget("some-app")).__enter__(),
 }
 results = {}
 for name, call in calls.items():
@@ -196,7 +197,7 @@ def test_no_credentials_give_the_auth_hint_at_once_without_network(tmp_path: Pat
 
 
 def _raise(exc: BaseException, *, lookup: bool = True) -> None:
-    with modal_sdk._modal_errors("looking up", app="a", function="serve", lookup=lookup):
+    with modal_sdk._modal_errors("looking up", ModalTarget("a"), lookup=lookup):
         raise exc
 
 
@@ -248,14 +249,14 @@ def test_load_app_file_applies_deploy_env_only_during_import(
     loaded = load_app_file(app_file, {"FAKE_SETTING": "during", "APP_NAME": "x-app"})
     assert loaded.module.SEEN == "during"
     assert loaded.app.name == "x-app"
-    assert isinstance(loaded.handle("serve", None), modal.Function)
+    assert isinstance(loaded.handle(ModalTarget("a")), modal.Function)
     assert os.environ["FAKE_SETTING"] == "before"
     assert "APP_NAME" not in os.environ
     assert sys.modules["my_app"] is sentinel  # registered only while importing
     with pytest.raises(ConfigError, match=r"no @modal\.web_server function named 'other'"):
-        loaded.handle("other", None)
+        loaded.handle(ModalTarget("a", "other"))
     with pytest.raises(ConfigError, match=r"@app\.server class named 'Srv'"):
-        loaded.handle(None, "Srv")
+        loaded.handle(ModalTarget("a", None, "Srv"))
     # A second import is a fresh module with its own settings.
     again = load_app_file(app_file, {"FAKE_SETTING": "second"})
     assert again.module is not loaded.module
@@ -283,7 +284,7 @@ def test_bad_deploy_env_for_the_bundled_app_is_a_config_error() -> None:
         load_app_file(bundled_app_file(), {"FAST_BOOT": "maybe"})
     # Rejected while importing, before any Modal call: deploy says the same.
     with pytest.raises(ConfigError, match="FAST_BOOT"):
-        ModalSDK().deploy(bundled_app_file(), {"FAST_BOOT": "maybe"}, "x", None)
+        ModalSDK().deploy(bundled_app_file(), {"FAST_BOOT": "maybe"}, ModalTarget("x"))
 
 
 # ---------------------------------------------------------------- the wiring, SDK stubbed
@@ -323,16 +324,19 @@ def stubbed_sdk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
 def test_deploy_imports_with_deploy_env_and_deploys_by_name(
     stubbed_sdk: list[tuple[str, Any]],
 ) -> None:
-    ModalSDK().deploy(bundled_app_file(), {"APP_NAME": "from-env"}, "my-app", "dev")
+    ModalSDK().deploy(
+        bundled_app_file(), {"APP_NAME": "from-env"}, ModalTarget("my-app", environment="dev")
+    )
     assert stubbed_sdk == [("deploy", ("from-env", "my-app", "dev"))]
 
 
 def test_ephemeral_yields_the_local_url_and_stops(stubbed_sdk: list[tuple[str, Any]]) -> None:
     sdk = ModalSDK()
-    with sdk.ephemeral(bundled_app_file(), {"APP_NAME": "eph"}, "serve", None, "dev") as url:
+    target = ModalTarget("eph", environment="dev")
+    with sdk.ephemeral(bundled_app_file(), {"APP_NAME": "eph"}, target) as url:
         assert url == "https://w--app.modal.run"
         # Autoscaler calls for this app use the local handle: it cannot be looked up by name.
-        assert ("eph", "serve") in sdk._ephemeral_handles
+        assert target in sdk._ephemeral_handles
     assert stubbed_sdk == [("run_enter", ("eph", "dev")), ("run_exit", None)]
     assert sdk._ephemeral_handles == {}
 
@@ -340,7 +344,7 @@ def test_ephemeral_yields_the_local_url_and_stops(stubbed_sdk: list[tuple[str, A
 def test_ephemeral_lets_ctrl_c_through(stubbed_sdk: list[tuple[str, Any]]) -> None:
     with (
         pytest.raises(KeyboardInterrupt),
-        ModalSDK().ephemeral(bundled_app_file(), {"APP_NAME": "eph"}, "serve", None, None),
+        ModalSDK().ephemeral(bundled_app_file(), {"APP_NAME": "eph"}, ModalTarget("eph")),
     ):
         raise KeyboardInterrupt
     # The run was closed normally (stopping the app), and Ctrl-C was not swallowed.
@@ -352,7 +356,7 @@ def test_ephemeral_with_an_unknown_function_fails_before_running(
 ) -> None:
     with (
         pytest.raises(ConfigError, match="'nope'"),
-        ModalSDK().ephemeral(bundled_app_file(), {}, "nope", None, None),
+        ModalSDK().ephemeral(bundled_app_file(), {}, ModalTarget("x", "nope")),
     ):
         pass
     assert stubbed_sdk == []
@@ -368,7 +372,7 @@ def test_locate_a_server_uses_get_url(monkeypatch: pytest.MonkeyPatch) -> None:
         return "https://w--app-srv.modal.run"
 
     monkeypatch.setattr(modal.Server, "get_url", get_url)
-    assert ModalSDK().locate("app", None, "Srv", "dev") == "https://w--app-srv.modal.run"
+    assert ModalSDK().locate(ModalTarget("app", None, "Srv", "dev")) == "https://w--app-srv.modal.run"
     assert seen == ["Server"]
 
 
@@ -408,8 +412,8 @@ def test_autoscaler_reads_and_updates_through_autoscaler_manager(
 
     monkeypatch.setattr(modal.Function, "from_name", from_name)
     sdk = ModalSDK()
-    assert sdk.get_min_containers("app", "serve", None, "dev") == read
-    sdk.update_autoscaler("app", "serve", None, "dev", 1)
+    assert sdk.get_min_containers(ModalTarget("app", environment="dev")) == read
+    sdk.update_autoscaler(ModalTarget("app", environment="dev"), 1)
     assert log == [("autoscaler.update", 1)]
     assert lookups == [("app", "serve", "dev")] * 2
 
@@ -420,6 +424,6 @@ def test_autoscaler_on_clients_without_the_manager(monkeypatch: pytest.MonkeyPat
     log: list[Any] = []
     monkeypatch.setattr(modal.Function, "from_name", lambda *a, **k: _Handle(None, log))
     sdk = ModalSDK()
-    assert sdk.get_min_containers("app", "serve", None, None) == 0  # cannot be read
-    sdk.update_autoscaler("app", "serve", None, None, 1)
+    assert sdk.get_min_containers(ModalTarget("app")) == 0  # cannot be read
+    sdk.update_autoscaler(ModalTarget("app"), 1)
     assert log == [("update_autoscaler", 1)]

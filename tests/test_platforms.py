@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,10 @@ from pytest_modal_vllm.platforms import (
     Platform,
     builtin_platforms,
     check_base_url,
-    expand,
     load_platforms,
     normalize_base_url,
     select,
     validate,
-    with_overrides,
 )
 
 
@@ -57,31 +56,33 @@ def test_validate_builds_a_platform_with_stored_forms() -> None:
     assert platform.command == ("vllm", "serve", "{model}", "--port", "{port}")
     assert platform.env == {"A": "x", "N": "8", "F": "0.5", "ON": "1", "OFF": "0"}
     assert platform.capabilities == ("streaming", "tools")
-    assert platform.client_options == {
-        "timeout": 5,
-        "max_retries": 3,
-        "temperature": 0.0,
-        "extra_body": {"top_k": 1},
-    }
-    assert platform.effective_wake_timeout == 12
-    assert platform.effective_keep_alive == "ping"
+    assert platform.client == {"timeout": 5, "extra_body": {"top_k": 1}}
+    assert (platform.wake_timeout, platform.keep_alive) == (12, "ping")
     assert platform.base_dir == "/somewhere"
 
 
-def test_validate_defaults_per_kind() -> None:
+def test_validate_leaves_unset_fields_to_the_resolution() -> None:
     url = validate("u", {"kind": "url", "base_url": "http://h/v1"}, "x")
-    assert (url.effective_wake_timeout, url.effective_keep_alive) == (600.0, "off")
+    assert (url.wake_timeout, url.keep_alive) == (None, None)  # the kind's default, later
     assert url.api_key_env == "VLLM_API_KEY"
     assert url.capabilities == ("streaming",)
-    assert url.client_options == {"timeout": 300.0, "max_retries": 3, "temperature": 0.0}
+    assert url.client == {}
     modal = validate("m", {"kind": "modal", "app": "a"}, "x")
-    assert (modal.effective_wake_timeout, modal.effective_keep_alive) == (900.0, "ping")
-    assert modal.modal_target == "a/serve"
-    assert validate("m", {"kind": "modal", "app": "a", "server": "S"}, "x").modal_target == "a/S"
+    assert modal.target() == "modal app a/serve"
+    assert validate("m", {"kind": "modal", "app": "a", "server": "S"}, "x").target() == (
+        "modal app a/S"
+    )
     stub = validate("s", {"kind": "stub"}, "x")
-    assert (stub.effective_wake_timeout, stub.cold_start, stub.script) == (30.0, 0.0, None)
-    proc = validate("p", {"kind": "process", "command": ["x"]}, "x")
-    assert proc.effective_wake_timeout == 300.0
+    assert (stub.cold_start, stub.script) == (0.0, None)
+
+
+def test_the_schema_lives_beside_the_fields() -> None:
+    """FIELD_KINDS is derived from the dataclass: every user field, no internal one."""
+    names = {f.name for f in fields(Platform)}
+    assert set(FIELD_KINDS) == (names - {"name", "source", "preflight", "base_dir"})
+    assert FIELD_KINDS["base_url"] == ("url",)
+    assert FIELD_KINDS["deploy_env"] == ("modal",)
+    assert FIELD_KINDS["client"] == KINDS
 
 
 @pytest.mark.parametrize(
@@ -201,40 +202,6 @@ def test_check_base_url_rejects(url: str, fragment: str) -> None:
 )
 def test_normalize_base_url(url: str, normal: str) -> None:
     assert normalize_base_url(url) == normal
-
-
-# ---------------------------------------------------------------------------- ${VAR}
-
-
-@pytest.mark.parametrize(
-    ("text", "env", "expanded"),
-    [
-        ("${HOST}/v1", {"HOST": "http://h"}, "http://h/v1"),
-        ("${A}-${B}", {"A": "1", "B": "2"}, "1-2"),
-        ("${PORT:-8000}", {}, "8000"),
-        ("${PORT:-8000}", {"PORT": "9"}, "9"),
-        ("${PORT:-8000}", {"PORT": ""}, "8000"),  # as in the shell: empty uses the default
-        ("${MODEL:-}", {}, ""),
-        ("${SET_EMPTY}", {"SET_EMPTY": ""}, ""),
-        ("$HOST and {HOST}", {}, "$HOST and {HOST}"),
-        ("plain", {}, "plain"),
-    ],
-)
-def test_expand(text: str, env: dict[str, str], expanded: str) -> None:
-    assert expand("p", "base_url", text, env) == expanded
-
-
-def test_expand_unset_variable_names_field_variable_and_fix() -> None:
-    error = error_of(expand, "gpu", "base_url", "${NOPE_URL}/v1", {})
-    assert str(error) == (
-        "vllm platform 'gpu': field 'base_url' uses ${NOPE_URL}, but NOPE_URL is not set. "
-        "Fix: export NOPE_URL=... or put it in .env."
-    )
-
-
-def test_expand_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTEST_MODAL_VLLM_TEST_HOST", "http://x")
-    assert expand("p", "base_url", "${PYTEST_MODAL_VLLM_TEST_HOST}/v1") == "http://x/v1"
 
 
 # ---------------------------------------------------------------------------- sources
@@ -410,19 +377,8 @@ def test_builtins_have_the_documented_kinds_and_capabilities() -> None:
     assert {p.source for p in known.values()} == {"built-in"}
 
 
-def test_env_builtin_model_is_optional() -> None:
-    env = builtin_platforms()["env"]
-    assert env.model is not None
-    assert expand("env", "model", env.model, {}) == ""
-    assert expand("env", "model", env.model, {"VLLM_MODEL": "m"}) == "m"
-
-
-def test_targets_and_overrides() -> None:
+def test_targets() -> None:
     known = builtin_platforms()
     assert known["modal-qwen"].target() == "modal app modal-vllm-qwen/serve"
     assert known["stub"].target() == "in-process stub"
     assert known["env"].target() == "${VLLM_API_URL}"
-    changed = with_overrides(known["stub"], wake_timeout=3.0, keep_alive=None, nonsense=1)
-    assert changed.wake_timeout == 3.0
-    assert changed.keep_alive is None
-    assert known["stub"].wake_timeout is None

@@ -11,7 +11,6 @@ import pytest
 from conftest import FAST
 
 from pytest_modal_vllm.errors import ConfigError
-from pytest_modal_vllm.platforms import Platform
 from pytest_modal_vllm.settings import (
     DEFAULTS,
     OPTIONS,
@@ -177,83 +176,6 @@ def test_a_bad_value_is_not_checked_when_a_higher_source_wins() -> None:
         {"wake_timeout": 3.0}, {"vllm_wake_timeout": "abc"}, {"MODAL_VLLM_WAKE_TIMEOUT": "abc"}
     )
     assert settings["wake_timeout"] == 3.0
-
-
-# ---------------------------------------------------------------------------- effective()
-
-
-def _platform(**fields: Any) -> Platform:
-    fields.setdefault("kind", "url")
-    fields.setdefault("base_url", "http://127.0.0.1:9/v1")
-    return Platform(name="gpu", **fields)
-
-
-def test_effective_uses_kind_defaults_without_anything_else() -> None:
-    settings = run()
-    assert settings.effective(_platform()) == {
-        "wake_timeout": (600.0, "url default"),
-        "keep_alive": ("off", "url default"),
-    }
-    modal = Platform(name="m", kind="modal", app="a")
-    assert settings.effective(modal) == {
-        "wake_timeout": (900.0, "modal default"),
-        "keep_alive": ("ping", "modal default"),
-    }
-    assert settings.effective(Platform(name="s", kind="stub"))["wake_timeout"] == (
-        30.0,
-        "stub default",
-    )
-    assert settings.effective(Platform(name="p", kind="process", command=("x",)))[
-        "wake_timeout"
-    ] == (300.0, "process default")
-
-
-def test_effective_platform_field_beats_kind_default() -> None:
-    platform = _platform(wake_timeout=42.0, keep_alive="ping")
-    assert run().effective(platform) == {
-        "wake_timeout": (42.0, "platform gpu"),
-        "keep_alive": ("ping", "platform gpu"),
-    }
-
-
-@pytest.mark.parametrize(
-    ("cli", "env", "ini", "expected"),
-    [
-        (
-            {"wake_timeout": 5.0, "keep_alive": "off"},
-            {},
-            {},
-            {"wake_timeout": (5.0, "command line"), "keep_alive": ("off", "command line")},
-        ),
-        (
-            {},
-            {"MODAL_VLLM_WAKE_TIMEOUT": "6", "MODAL_VLLM_KEEP_ALIVE": "off"},
-            {},
-            {
-                "wake_timeout": (6.0, "env MODAL_VLLM_WAKE_TIMEOUT"),
-                "keep_alive": ("off", "env MODAL_VLLM_KEEP_ALIVE"),
-            },
-        ),
-        (
-            {},
-            {},
-            {"vllm_wake_timeout": "7", "vllm_keep_alive": "off"},
-            {
-                "wake_timeout": (7.0, "ini vllm_wake_timeout"),
-                "keep_alive": ("off", "ini vllm_keep_alive"),
-            },
-        ),
-        (
-            {"wake_timeout": 5.0},
-            {},
-            {"vllm_keep_alive": "off"},
-            {"wake_timeout": (5.0, "command line"), "keep_alive": ("off", "ini vllm_keep_alive")},
-        ),
-    ],
-)
-def test_effective_options_beat_the_platform_field(cli, env, ini, expected) -> None:
-    platform = _platform(wake_timeout=42.0, keep_alive="ping")
-    assert run(cli, ini, env).effective(platform) == expected
 
 
 # ---------------------------------------------------------------------------- env file path

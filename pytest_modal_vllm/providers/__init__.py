@@ -2,36 +2,36 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..platforms import Platform
+    from ..resolution import ResolvedPlatform
     from .base import Provider
 
+# kind -> "module:class"; the module of a kind is imported only when a platform of it is used.
+PROVIDERS = {
+    "url": "url:UrlProvider",
+    "stub": "stub:StubProvider",
+    "process": "process:ProcessProvider",
+    "modal": "modal:ModalProvider",
+}
 
-def make_provider(
-    platform: Platform,
-    *,
-    deploy: bool = False,
-    ephemeral: bool = False,
-    log_dir: Path | None = None,
-) -> Provider:
-    """The provider for `platform.kind`; imports only the module of that kind."""
-    if platform.kind == "url":
-        from .url import UrlProvider
 
-        return UrlProvider(platform)
-    if platform.kind == "stub":
-        from .stub import StubProvider
+def make_provider(platform: ResolvedPlatform, **options: Any) -> Provider:
+    """The provider for `platform.kind` (`log_dir` reaches the process provider, `sdk` the
+    modal one; options a kind does not take are ignored)."""
+    module_name, class_name = PROVIDERS[platform.kind].split(":")
+    provider_class = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
+    accepted = {k: v for k, v in options.items() if k in provider_class.OPTIONS}
+    provider: Provider = provider_class(platform, **accepted)
+    return provider
 
-        return StubProvider(platform)
-    if platform.kind == "process":
-        from .process import ProcessProvider
 
-        return ProcessProvider(platform, log_dir=log_dir)
-    if platform.kind == "modal":
-        from .modal import ModalProvider
+def health_line(root_url: str, headers: dict[str, str] | None = None) -> str:
+    """`answers /health now: yes` (or `no (503)`): one probe, for `modal-vllm status`."""
+    from ..probe import check_health
 
-        return ModalProvider(platform, deploy=deploy, ephemeral=ephemeral)
-    raise ValueError(f"unknown kind {platform.kind!r}")  # platforms.validate rules this out
+    answer = check_health(root_url, headers or {})
+    verdict = "yes" if answer.status == 200 else f"no ({answer.short()})"
+    return f"answers /health now: {verdict}"

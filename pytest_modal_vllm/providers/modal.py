@@ -1,13 +1,10 @@
 """The `modal` kind: a vLLM endpoint served by a Modal web function or server.
 
-`start()` locates the deployed endpoint through the Modal SDK; with `deploy=True` it deploys
-the platform's app file first, with `ephemeral=True` it runs the app as an ephemeral Modal app
-that lives until `stop()`. URLs always come from the SDK, never built by hand.
-
-The app file is the platform's `modal_app` (a relative path starts at the current directory),
-or the bundled `modal_app/vllm_server.py`. It is imported with the platform's `deploy_env`
-applied, plus `APP_NAME` set to the platform's `app`, so that the deployed name, the name
-looked up and the name the app file gives itself agree.
+`start()` locates the deployed endpoint through the Modal SDK; in `deploy` mode it deploys
+the platform's app file first, in `ephemeral` mode it runs the app as an ephemeral Modal app
+that lives until `stop()`. URLs always come from the SDK, never built by hand. The app file,
+its settings (`deploy_env`, with `APP_NAME` = the platform's app) and the target come from
+the resolution.
 
 `pin()`/`unpin()` implement the `autoscaler` keep-alive: `min_containers=1` while the session
 runs, then the value read before pinning (0 when it could not be read).
@@ -16,88 +13,30 @@ runs, then the value read before pinning (0 when it could not be read).
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator
 
-from ..errors import ConfigError, PlatformError, UnavailableError
-from ..modal_sdk import (
-    DEFAULT_FUNCTION,
-    ModalBackend,
-    ModalStatus,
-    NotDeployedError,
-    bundled_app_file,
-    deploy_fix,
-    load_sdk,
-)
-from ..platforms import Platform
-from .base import Target, api_key_for
-
-PROXY_TOKEN_ID_ENV = "MODAL_PROXY_TOKEN_ID"
-PROXY_TOKEN_SECRET_ENV = "MODAL_PROXY_TOKEN_SECRET"
-
-
-def proxy_headers(platform: Platform, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`Modal-Key`/`Modal-Secret` for a `proxy_auth` platform ({} otherwise), or `ConfigError`."""
-    if not platform.proxy_auth:
-        return {}
-    env = os.environ if environ is None else environ
-    token_id = env.get(PROXY_TOKEN_ID_ENV, "")
-    token_secret = env.get(PROXY_TOKEN_SECRET_ENV, "")
-    missing = [
-        name
-        for name, value in ((PROXY_TOKEN_ID_ENV, token_id), (PROXY_TOKEN_SECRET_ENV, token_secret))
-        if not value
-    ]
-    if missing:
-        raise ConfigError(
-            f"proxy_auth is on, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
-            " not set",
-            f"create a proxy auth token in the Modal dashboard and export {PROXY_TOKEN_ID_ENV} "
-            f"and {PROXY_TOKEN_SECRET_ENV} (or put them in .env)",
-            platform=platform.name,
-        )
-    return {"Modal-Key": token_id, "Modal-Secret": token_secret}
-
-
-def app_file_for(platform: Platform) -> Path:
-    """The platform's `modal_app` (relative to the current directory), else the bundled one."""
-    if platform.modal_app:
-        path = Path(platform.modal_app).expanduser()
-        return path if path.is_absolute() else Path.cwd() / path
-    return bundled_app_file()
-
-
-def deploy_env_for(platform: Platform) -> dict[str, str]:
-    """The settings passed to the app file: `deploy_env`, with `APP_NAME` = the platform's app."""
-    env = dict(platform.deploy_env)
-    if platform.app:
-        env["APP_NAME"] = platform.app
-    return env
+from ..errors import PlatformError, UnavailableError
+from ..modal_sdk import ModalBackend, ModalTarget, NotDeployedError, deploy_fix, load_sdk
+from ..probe import root_of
+from ..resolution import ResolvedPlatform
+from . import health_line
 
 
 class ModalProvider:
     """Start (locate, deploy or run ephemerally), pin and stop one `modal` platform."""
 
-    def __init__(
-        self,
-        platform: Platform,
-        *,
-        deploy: bool = False,
-        ephemeral: bool = False,
-        sdk: ModalBackend | None = None,
-    ) -> None:
+    OPTIONS = ("sdk",)
+
+    def __init__(self, platform: ResolvedPlatform, *, sdk: ModalBackend | None = None) -> None:
         """`sdk` defaults to `load_sdk()` (the real adapter, or the test seam's), made lazily."""
+        assert platform.modal is not None
         self.platform = platform
-        self.deploy_first = deploy
-        self.ephemeral = ephemeral
+        self.target: ModalTarget = platform.modal
         self._sdk = sdk
         self._stack = contextlib.ExitStack()
         self._ephemeral_open = False
         # The min_containers to restore at unpin; None while not pinned.
         self._restore_min: int | None = None
-
-    # -- helpers
 
     @property
     def sdk(self) -> ModalBackend:
@@ -106,87 +45,55 @@ class ModalProvider:
             self._sdk = load_sdk()
         return self._sdk
 
-    @property
-    def app(self) -> str:
-        """The Modal app name (required for the `modal` kind)."""
-        if not self.platform.app:
-            raise ConfigError(
-                "kind 'modal' needs field 'app'", "add app = ... to the table", platform=self.name
-            )
-        return self.platform.app
-
-    @property
-    def name(self) -> str:
-        """The platform name."""
-        return self.platform.name
-
-    @property
-    def function(self) -> str | None:
-        """The web function to target: `function`, else `serve` unless a server is set."""
-        if self.platform.server:
-            return None
-        return self.platform.function or DEFAULT_FUNCTION
-
     @contextlib.contextmanager
     def _attributed(self) -> Iterator[None]:
         """Re-raise the adapter's errors with this platform's name in them."""
+        name = self.platform.name
         try:
             yield
         except NotDeployedError as error:
             # The adapter does not know the platform's name; the fix should.
-            raise NotDeployedError(
-                error.problem, deploy_fix(self.name), platform=self.name
-            ) from error
+            raise NotDeployedError(error.problem, deploy_fix(name), platform=name) from error
         except PlatformError as error:
-            attributed = error.for_platform(self.name)
+            attributed = error.for_platform(name)
             if attributed is error:
                 raise
             raise attributed from error
 
     # -- Provider
 
-    def start(self) -> Target:
-        """Deploy or run the app if asked, locate it, and return where it answers."""
-        if self.deploy_first and self.ephemeral:
-            raise ConfigError(
-                "--vllm-deploy and --vllm-ephemeral were both given",
-                "pick one: deploy the app for good, or run it for this session only",
-                platform=self.name,
-            )
+    def start(self) -> str:
+        """Deploy or run the app if asked, locate it, and return its base URL."""
         platform = self.platform
-        # Checked before anything is deployed: a missing proxy token must not cost a deploy.
-        headers = self.proxy_headers()
-        app = self.app
+        assert platform.modal_app is not None
         with self._attributed():
-            if self.ephemeral:
+            if platform.modal_mode == "ephemeral":
                 url = self._stack.enter_context(
-                    self.sdk.ephemeral(
-                        app_file_for(platform),
-                        deploy_env_for(platform),
-                        self.function,
-                        platform.server,
-                        platform.environment,
-                    )
+                    self.sdk.ephemeral(platform.modal_app, platform.deploy_env, self.target)
                 )
                 self._ephemeral_open = True
             else:
-                if self.deploy_first:
-                    self.sdk.deploy(
-                        app_file_for(platform),
-                        deploy_env_for(platform),
-                        app,
-                        platform.environment,
-                    )
-                url = self.sdk.locate(app, self.function, platform.server, platform.environment)
-        return Target(
-            base_url=url.rstrip("/") + "/v1",
-            api_key=api_key_for(platform),
-            headers=headers,
-        )
+                if platform.modal_mode == "deploy":
+                    self.sdk.deploy(platform.modal_app, platform.deploy_env, self.target)
+                url = self.sdk.locate(self.target)
+        return url.rstrip("/") + "/v1"
 
     def failure(self) -> str | None:
         """Always None: a Modal endpoint that scaled to zero can come back."""
         return None
+
+    def status(self) -> list[str]:
+        """Deployed or not, and the URL; wakes nothing."""
+        with self._attributed():
+            found = self.sdk.status(self.target)
+        if not found.deployed:
+            return ["deployed: no", f"deploy it with: modal-vllm deploy {self.platform.name}"]
+        assert found.url is not None
+        return [
+            "deployed: yes",
+            f"url: {found.url}/v1",
+            health_line(root_of(found.url), dict(self.platform.headers)),
+        ]
 
     def stop(self) -> None:
         """Stop the ephemeral app if one runs; safe to call twice and after a failed start."""
@@ -196,30 +103,17 @@ class ModalProvider:
 
     # -- what the `modal-vllm` command needs
 
-    def proxy_headers(self) -> dict[str, str]:
-        """The Modal proxy auth headers of this platform ({} without `proxy_auth`)."""
-        return proxy_headers(self.platform)
-
     def deploy(self) -> str | None:
         """Deploy the platform's app (Modal's output shown); returns its URL (without `/v1`)."""
-        platform = self.platform
+        assert self.platform.modal_app is not None
         with self._attributed():
-            self.sdk.deploy(
-                app_file_for(platform), deploy_env_for(platform), self.app, platform.environment
-            )
-            return self.sdk.locate(self.app, self.function, platform.server, platform.environment)
-
-    def status(self) -> ModalStatus:
-        """Deployed or not, and the URL (without `/v1`); looks up only, wakes nothing."""
-        with self._attributed():
-            return self.sdk.status(
-                self.app, self.function, self.platform.server, self.platform.environment
-            )
+            self.sdk.deploy(self.platform.modal_app, self.platform.deploy_env, self.target)
+            return self.sdk.locate(self.target)
 
     def stop_app(self) -> bool:
         """Stop the deployed app: True if stopped, False if it was not deployed."""
         with self._attributed():
-            return self.sdk.stop_app(self.app, self.platform.environment)
+            return self.sdk.stop_app(self.target)
 
     # -- autoscaler keep-alive
 
@@ -231,18 +125,13 @@ class ModalProvider:
         """
         if self._restore_min is not None:
             return
-        platform = self.platform
         with self._attributed():
             try:
-                previous = self.sdk.get_min_containers(
-                    self.app, self.function, platform.server, platform.environment
-                )
+                previous = self.sdk.get_min_containers(self.target)
             except UnavailableError:
                 previous = 0
             if previous < 1:
-                self.sdk.update_autoscaler(
-                    self.app, self.function, platform.server, platform.environment, 1
-                )
+                self.sdk.update_autoscaler(self.target, 1)
         self._restore_min = previous
 
     def unpin(self) -> None:
@@ -254,13 +143,10 @@ class ModalProvider:
         previous, self._restore_min = self._restore_min, None
         if previous is None or previous >= 1:
             return  # never pinned, or pin changed nothing
-        if self.ephemeral and not self._ephemeral_open:
+        if self.platform.modal_mode == "ephemeral" and not self._ephemeral_open:
             return  # the ephemeral app is gone, and its settings with it
-        platform = self.platform
         with self._attributed():
-            self.sdk.update_autoscaler(
-                self.app, self.function, platform.server, platform.environment, previous
-            )
+            self.sdk.update_autoscaler(self.target, previous)
 
     @property
     def pinned(self) -> bool:

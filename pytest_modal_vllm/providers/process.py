@@ -1,6 +1,6 @@
 """The `process` kind: a local OpenAI-compatible server started as a child process.
 
-The command's `{port}`, `{host}` and `{model}` are filled in (a free loopback port), its output
+The command's `{port}` and `{host}` are filled in (a free loopback port), its output
 goes to a log file, and it runs in its own process group so that stopping it stops its children
 too: SIGTERM to the group, then SIGKILL after a grace period.
 """
@@ -13,12 +13,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from ..errors import ConfigError
-from ..platforms import Platform, expand
-from .base import Target, api_key_for
+from ..resolution import ResolvedPlatform
+from .base import NOT_RUNNING
 
 HOST = "127.0.0.1"
 STOP_GRACE = 10.0
@@ -45,10 +46,47 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class ProcessProvider:
-    """Starts `command` on a free port, reports its death, and stops it with its children."""
+@dataclass(frozen=True)
+class ProcessWatch:
+    """Watches a server process from any process (xdist workers are not its parent).
 
-    def __init__(self, platform: Platform, *, log_dir: Path | None = None) -> None:
+    Calling it says why the process is gone (with its log tail), or None while it runs.
+    """
+
+    pid: int
+    log_path: str
+
+    def __call__(self) -> str | None:
+        """Why the process is gone, or None while it runs (a zombie counts as gone)."""
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        except (OSError, IndexError):  # no /proc: ask the kernel whether the pid exists
+            try:
+                os.kill(self.pid, 0)
+                state = "R"
+            except ProcessLookupError:
+                state = "gone"
+            except PermissionError:
+                state = "R"
+        if state not in ("Z", "X", "gone"):
+            return None
+        return _death(f"the process (pid {self.pid}) exited", Path(self.log_path))
+
+
+def _death(what: str, log_path: Path | None) -> str:
+    tail = log_tail(log_path) if log_path else ""
+    where = f" (log: {log_path})" if log_path else ""
+    return f"{what}{where}; last lines:\n{tail}" if tail else f"{what}{where}"
+
+
+class ProcessProvider:
+    """Starts the command on a free port, reports its death, and stops it with its children."""
+
+    OPTIONS = ("log_dir",)
+
+    def __init__(self, platform: ResolvedPlatform, *, log_dir: Path | None = None) -> None:
         self.platform = platform
         self.log_dir = log_dir or Path(tempfile.gettempdir()) / "pytest-modal-vllm"
         self.log_path: Path | None = None
@@ -56,30 +94,19 @@ class ProcessProvider:
         self._log: IO[bytes] | None = None
 
     def argv(self, port: int) -> list[str]:
-        """The command with `{port}`, `{host}` and `{model}` filled in."""
-        platform = self.platform
-        model = platform.model or ""
-        if not model and any("{model}" in arg for arg in platform.command):
-            raise ConfigError(
-                "the command uses {model} but the platform has no model",
-                "set model = '...' on the platform",
-                platform=platform.name,
-            )
-        # str.replace, not str.format: commands may carry JSON with braces of their own.
+        """The command with `{port}` and `{host}` filled in (`{model}` already is)."""
         return [
-            arg.replace("{port}", str(port)).replace("{host}", HOST).replace("{model}", model)
-            for arg in platform.command
+            arg.replace("{port}", str(port)).replace("{host}", HOST)
+            for arg in self.platform.command
         ]
 
-    def start(self) -> Target:
-        """Spawn the server; its readiness is the wake's job."""
+    def start(self) -> str:
+        """Spawn the server; its readiness is the wake's job. Returns its base URL."""
         platform = self.platform
         if platform.preflight is not None:
             platform.preflight()
         port = free_port()
         argv = self.argv(port)
-        env = dict(os.environ)
-        env.update({k: expand(platform.name, f"env.{k}", v) for k, v in platform.env.items()})
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"{platform.name}-{os.getpid()}-{port}.log"
         self._log = self.log_path.open("wb")
@@ -89,7 +116,7 @@ class ProcessProvider:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env={**os.environ, **platform.env},
                 start_new_session=True,  # own process group: stop() reaches its children
             )
         except OSError as error:
@@ -99,7 +126,7 @@ class ProcessProvider:
                 "check the platform's command (is the program installed and on PATH?)",
                 platform=platform.name,
             ) from None
-        return Target(f"http://{HOST}:{port}/v1", api_key_for(platform))
+        return f"http://{HOST}:{port}/v1"
 
     def failure(self) -> str | None:
         """Why the process is gone (exit code and log tail), or None while it runs."""
@@ -108,11 +135,17 @@ class ProcessProvider:
         code = self.process.poll()
         if code is None:
             return None
-        tail = log_tail(self.log_path) if self.log_path else ""
-        where = f" (log: {self.log_path})" if self.log_path else ""
-        return (
-            f"exit code {code}{where}; last lines:\n{tail}" if tail else f"exit code {code}{where}"
-        )
+        return _death(f"exit code {code}", self.log_path)
+
+    def watch(self) -> ProcessWatch | None:
+        """The same check for processes that are not the server's parent (xdist workers)."""
+        if self.process is None or self.log_path is None:
+            return None
+        return ProcessWatch(self.process.pid, str(self.log_path))
+
+    def status(self) -> list[str]:
+        """A process platform runs only inside a session."""
+        return [NOT_RUNNING]
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it after the grace period; idempotent."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..platforms import Platform
-from .base import Target, api_key_for
+from ..resolution import ResolvedPlatform
+from .base import NOT_RUNNING
 
 if TYPE_CHECKING:
     from ..stub_server import StubServer
@@ -15,21 +15,22 @@ if TYPE_CHECKING:
 class StubProvider:
     """Starts a `StubServer` (echo, or the rules of `script`; `cold_start` simulated)."""
 
-    def __init__(self, platform: Platform) -> None:
+    OPTIONS: tuple[str, ...] = ()
+
+    def __init__(self, platform: ResolvedPlatform) -> None:
         self.platform = platform
         self.server: StubServer | None = None
 
-    def start(self) -> Target:
-        """Bind the stub on 127.0.0.1 and serve it from daemon threads."""
+    def start(self) -> str:
+        """Bind the stub on 127.0.0.1 and serve it from daemon threads; its base URL."""
         from ..stub_server import Behaviour, StubServer
 
         platform = self.platform
-        script = str(platform.resolve_path(platform.script)) if platform.script else None
         try:
             server = StubServer(
                 model=platform.model or "stub",
-                script=script,
-                behaviour=Behaviour(cold_start=platform.cold_start),
+                script=platform.script,
+                behaviour=Behaviour(cold_start=platform.definition.cold_start),
             )
         except ValueError as error:
             raise ConfigError(
@@ -38,11 +39,15 @@ class StubProvider:
                 platform=platform.name,
             ) from None
         self.server = server.start()
-        return Target(server.base_url, api_key_for(platform))
+        return server.base_url
 
     def failure(self) -> str | None:
         """The in-process stub cannot die on its own."""
         return None
+
+    def status(self) -> list[str]:
+        """A stub runs only inside a session."""
+        return [NOT_RUNNING]
 
     def stop(self) -> None:
         """Stop the server and its threads."""
