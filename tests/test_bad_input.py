@@ -426,3 +426,30 @@ def test_bad_input(
     assert _children(os.getpid()) <= children_before
     assert processes_with(token) == []
     assert _non_daemon_threads() <= threads_before
+
+
+@pytest.mark.parametrize(
+    ("env", "ini"),
+    [
+        ({"MODAL_VLLM_WAKE_TIMEOUT": "abc"}, ""),
+        ({"MODAL_VLLM_ENV_FILE": "missing.env"}, ""),
+        ({}, "vllm_keep_alive = forever\n"),
+    ],
+    ids=["bad-env-value", "missing-env-file", "bad-ini-value"],
+)
+def test_help_and_version_work_whatever_the_environment_holds(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], ini: str
+) -> None:
+    """`--help` and `--version` answer; the same settings still stop a real run with exit 4."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    pytester.makeini("[pytest]\n" + ini)
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    shown = pytester.runpytest_subprocess(*FAST, "--help")
+    assert shown.ret == 0, shown.stderr.str()
+    shown.stdout.fnmatch_lines(["*--vllm-platform=NAME*", "*--vllm-wake-timeout=SECONDS*"])
+    version = pytester.runpytest_subprocess(*FAST, "--version")
+    assert version.ret == 0, version.stderr.str()
+    run = pytester.runpytest_subprocess(*FAST)
+    assert run.ret == 4
+    assert "Traceback" not in run.stderr.str()

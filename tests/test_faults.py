@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from conftest import stub_command
 
 from pytest_modal_vllm.stub_server import StubServer
 
@@ -50,6 +51,13 @@ FAULTS = [
         "process server exits during the wake",
         "fails at once with the exit code and the log tail",
         75,
+    ),
+    Fault(
+        "process-killed",
+        "process server killed (SIGKILL) after the first test",
+        "the next request fails at once with the exit code and the log tail, not after the "
+        "wake timeout; the remaining tests fail at once",
+        1,
     ),
     Fault("slow-under-timeout", "responses take 80% of the client timeout", "tests pass", 0),
     Fault(
@@ -94,6 +102,61 @@ def chat_suite(pytester: pytest.Pytester, count: int, sleep: float = 0.0) -> Non
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:cacheprovider", *args)
+
+
+KILL_SERVER = """
+import os, signal, socket, time
+from pathlib import Path
+
+def test_0_kill(vllm_endpoint):
+    pids = [
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and b"{marker}" in (p / "cmdline").read_bytes()
+    ]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    port = int(vllm_endpoint.base_url.rsplit(":", 1)[1].split("/")[0])
+    for _ in range(250):  # until the server refuses connections
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)):
+                break
+        time.sleep(0.02)
+"""
+
+
+def killed_process_suite(pytester: pytest.Pytester, write_platforms: Callable[..., None]) -> None:
+    """A process platform whose server a test kills after test_0 (its model name is the marker
+    that finds it in /proc); a 60 s wake timeout that a fast failure must not wait out."""
+    marker = f"victim-{pytester.path.name}"
+    write_platforms(
+        {"p": {"kind": "process", "model": marker, "command": stub_command(), "wake_timeout": 60}}
+    )
+    chat_suite(pytester, 4)
+    suite = pytester.path.joinpath("test_faults.py")
+    kill = KILL_SERVER.replace("{marker}", marker)
+    suite.write_text(suite.read_text().replace("def test_1(", kill + "\n\ndef test_1("))
+
+
+def assert_killed_process_failed_fast(result: pytest.RunResult, output: str, cause: str) -> None:
+    """test_1 fails at once with the cause; test_2 and test_3 fail in setup, at once."""
+    result.assert_outcomes(passed=2, failed=1, errors=2)
+    result.stdout.fnmatch_lines(["*LLM platform 'p' is down*"])
+    assert "the server process died while waking" in output
+    assert cause in output
+    assert "stub server ready at" in output  # the log tail of the process
+    assert result.duration < 30  # at once, not after the 60 s wake timeout
+
+
+def test_a_killed_process_fails_fast_under_xdist_too(pytester, write_platforms) -> None:
+    """A worker is not the server's parent: it sees the death through the process watch."""
+    killed_process_suite(pytester, write_platforms)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:asyncio", "-p", "no:cacheprovider", "--vllm-platform=p", "-n", "1"
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == 1, output
+    assert_killed_process_failed_fast(result, output, "exited")
 
 
 def url_platform(write_platforms: Callable[..., None], server: StubServer, **fields: Any) -> None:
@@ -148,6 +211,8 @@ def test_fault(case: Fault, pytester, endpoint_server, write_platforms, tmp_path
             }
         )
         chat_suite(pytester, 1)
+    elif case.id == "process-killed":
+        killed_process_suite(pytester, write_platforms)
     elif case.id.startswith("slow"):
         delay = 0.8 if case.id == "slow-under-timeout" else 3.0
         server = endpoint_server(response_delay=delay)
@@ -214,6 +279,8 @@ def test_fault(case: Fault, pytester, endpoint_server, write_platforms, tmp_path
         assert "exit code 3" in output
         assert "error: out of memory" in output
         assert result.duration < 30  # at once, not after the 60 s wake timeout
+    elif case.id == "process-killed":
+        assert_killed_process_failed_fast(result, output, "exit code -9")
     elif case.id == "slow-under-timeout":
         result.assert_outcomes(passed=1)
     elif case.id == "slow-over-timeout":
