@@ -9,7 +9,7 @@ from ..platforms import Platform
 from .base import Target, api_key_for
 
 if TYPE_CHECKING:
-    from ..stub_server import StubServer
+    from ..stub import StubServer
 
 
 class StubProvider:
@@ -21,7 +21,7 @@ class StubProvider:
 
     def start(self) -> Target:
         """Bind the stub on 127.0.0.1 and serve it from daemon threads."""
-        from ..stub_server import Behaviour, StubServer
+        from ..stub import Behaviour, StubServer
 
         platform = self.platform
         script = str(platform.resolve_path(platform.script)) if platform.script else None
