@@ -1,5 +1,5 @@
 """`ModalEmulator` over real HTTP on 127.0.0.1: cold start styles, held requests, 303, proxy
-auth, scale to zero and billing, and the fault switches.
+auth, scale to zero and billing, the fault switches, and the control API (`/__modal/`).
 
 No mocks: each test starts an emulator (conftest's `endpoint_server`) on a free loopback port and
 talks to it with the `openai` client or `httpx`. Long cold starts are ended by `make_ready()`;
@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -276,3 +277,248 @@ def test_behaviour_validation() -> None:
         EmulatorBehaviour(fail_rate=1.5)
     with pytest.raises(ValueError, match="scaledown_window"):
         EmulatorBehaviour(scaledown_window=0)
+    with pytest.raises(ValueError, match="min_containers"):
+        EmulatorBehaviour(min_containers=-1)
+    with pytest.raises(ValueError, match="max_containers"):
+        EmulatorBehaviour(max_containers=0)
+    with pytest.raises(ValueError, match=r"min_containers \(2\) exceeds max_containers \(1\)"):
+        EmulatorBehaviour(min_containers=2, max_containers=1)
+
+
+# -- the control API (/__modal/) and failing boots ---------------------------------------------
+
+
+def control(server: ModalEmulator, method: str, name: str, **kwargs: Any) -> httpx.Response:
+    """A request to the emulator's control API, `/__modal/<name>`."""
+    return httpx.request(method, f"{server.root_url}/__modal/{name}", timeout=5, **kwargs)
+
+
+def modal_stats(server: ModalEmulator) -> dict[str, int]:
+    response = control(server, "GET", "stats")
+    assert response.status_code == 200
+    result: dict[str, int] = response.json()
+    return result
+
+
+def ask_in_thread(server: ModalEmulator, outcomes: list[httpx.Response]) -> threading.Thread:
+    """A chat request in a thread (with the proxy headers the tests use); its answer lands in
+    `outcomes`."""
+
+    def ask() -> None:
+        body = {"model": "stub", "messages": USER}
+        headers = {"Modal-Key": "wk-1", "Modal-Secret": "ws-1"}
+        url = f"{server.base_url}/chat/completions"
+        outcomes.append(httpx.post(url, json=body, headers=headers, timeout=30))
+
+    worker = threading.Thread(target=ask)
+    worker.start()
+    return worker
+
+
+def test_control_stats_count_runners_backlog_and_inputs(endpoint_server: Emulators) -> None:
+    server = endpoint_server(cold_start=60, cold_style="hold", response_delay=60)
+    assert modal_stats(server) == {"num_total_runners": 1, "backlog": 0, "num_running_inputs": 0}
+    outcomes: list[httpx.Response] = []
+    workers = [ask_in_thread(server, outcomes) for _ in range(2)]
+    wait_for(lambda: modal_stats(server)["backlog"] == 2)
+    assert modal_stats(server)["num_running_inputs"] == 0
+    server.make_ready()  # both are answered now, slowly (response_delay)
+    wait_for(
+        lambda: (
+            modal_stats(server) == {"num_total_runners": 1, "backlog": 0, "num_running_inputs": 2}
+        )
+    )
+    server.stop()
+    for worker in workers:
+        worker.join(10)
+    assert [r.status_code for r in outcomes] == [503, 503]  # stopped while answering
+    stats = server.stats.snapshot()
+    assert stats["requests"] == {"/v1/chat/completions": 2}  # the control requests are apart
+    assert stats["control_requests"] >= 4
+
+
+def test_control_is_no_demand_no_activity_and_needs_no_credentials(
+    endpoint_server: Emulators,
+) -> None:
+    server = endpoint_server(
+        cold_start=0, scaledown_window=0.5, proxy_auth=("wk-1", "ws-1"), api_key="k"
+    )
+    server.scale_to_zero()
+    assert modal_stats(server)["num_total_runners"] == 0
+    assert control(server, "GET", "autoscaler").status_code == 200
+    assert server.state == "down"  # not woken
+    assert server.stats.cold_starts == 1
+    # A web request boots it; control polls every 50 ms do not keep it warm.
+    headers = {"Modal-Key": "wk-1", "Modal-Secret": "ws-1", "Authorization": "Bearer k"}
+    assert httpx.get(f"{server.base_url}/models", headers=headers).status_code == 200
+    assert server.stats.cold_starts == 2
+    polls = 0
+
+    def down() -> bool:
+        nonlocal polls
+        polls += 1
+        time.sleep(0.05)
+        return modal_stats(server)["num_total_runners"] == 0
+
+    wait_for(down)
+    assert polls >= 2
+    stats = server.stats.snapshot()
+    assert (stats["unauthorized"], stats["requests"]) == (0, {"/v1/models": 1})
+    assert stats["control_requests"] == polls + 2
+    [idle] = stats["scale_downs"]  # the idle tail after the request
+    assert 0.5 <= idle < 5
+
+
+def test_autoscaler_settings_defaults_overrides_and_errors(endpoint_server: Emulators) -> None:
+    server = endpoint_server(scaledown_window=30, buffer_containers=1)
+    defaults = {
+        "min_containers": 0,
+        "max_containers": None,
+        "buffer_containers": 1,
+        "scaledown_window": 30,
+    }
+    assert control(server, "GET", "autoscaler").json() == defaults
+    update = control(server, "POST", "autoscaler", json={"max_containers": 3})
+    assert (update.status_code, update.json()) == (200, {**defaults, "max_containers": 3})
+    update = control(
+        server, "POST", "autoscaler", json={"buffer_containers": None, "scaledown_window": 2.5}
+    )
+    expected = {**defaults, "max_containers": 3, "buffer_containers": 0, "scaledown_window": 2.5}
+    assert update.json() == expected
+    cleared = control(server, "POST", "autoscaler", json={"max_containers": None})
+    expected["max_containers"] = None
+    assert cleared.json() == expected == server.autoscaler()
+    bad_bodies: list[dict[str, Any]] = [
+        {"json": {"scaledown_window": 1}},
+        {"json": {"scaledown_window": 3601}},
+        {"json": {"scaledown_window": "10"}},
+        {"json": {"scaledown_window": None}},
+        {"json": {"min_containers": "1"}},
+        {"json": {"min_containers": -1}},
+        {"json": {"min_containers": True}},
+        {"json": {"max_containers": 0}},
+        {"json": {"min_containers": 4, "max_containers": 3}},
+        {"json": {"min_containers": 1, "bogus": 1}},
+        {"json": [1]},
+        {"content": b"not json"},
+    ]
+    for body in bad_bodies:
+        refused_update = control(server, "POST", "autoscaler", **body)
+        assert refused_update.status_code == 400, body
+        assert refused_update.json()["error"], body
+    assert control(server, "GET", "autoscaler").json() == expected  # nothing half-applied
+    errors = [control(server, "POST", "autoscaler", **b).json()["error"] for b in bad_bodies[:2]]
+    assert all("2..3600" in error for error in errors)
+    assert control(server, "GET", "redeploy").status_code == 405
+    assert control(server, "DELETE", "stats").status_code == 405
+    assert control(server, "GET", "nowhere").status_code == 404
+    assert server.stats.cold_starts == 1
+    assert server.stats.snapshot()["requests"] == {}
+
+
+def test_autoscaler_can_be_unreadable(endpoint_server: Emulators) -> None:
+    server = endpoint_server(autoscaler_unreadable=True)
+    unreadable = control(server, "GET", "autoscaler")
+    assert unreadable.status_code == 503
+    assert unreadable.json()["error"]
+    assert control(server, "POST", "autoscaler", json={"min_containers": 0}).status_code == 200
+
+
+def test_min_containers_boots_at_once_and_keeps_the_container(endpoint_server: Emulators) -> None:
+    server = endpoint_server(cold_start=0, scaledown_window=0.2)
+    server.scale_to_zero()
+    assert control(server, "POST", "autoscaler", json={"min_containers": 1}).status_code == 200
+    assert server.state == "ready"  # booted at once (cold start 0), without a request
+    assert server.stats.cold_starts == 2
+    time.sleep(0.6)  # three idle windows: kept
+    assert server.state == "ready"
+    server.scale_to_zero()  # a container that goes away is replaced at once
+    wait_for(lambda: server.state == "ready")
+    assert server.stats.cold_starts == 3
+    time.sleep(0.3)
+    # Back to 0: the container, idle for longer than the window already, goes down now.
+    assert control(server, "POST", "autoscaler", json={"min_containers": None}).status_code == 200
+    assert server.state == "down"
+    [idle] = server.stats.snapshot()["scale_downs"]
+    assert idle >= 0.3
+
+
+def test_new_scaledown_window_applies_to_the_idle_clock_at_once(endpoint_server: Emulators) -> None:
+    server = endpoint_server(cold_start=0, scaledown_window=600)
+    assert httpx.get(f"{server.base_url}/models").status_code == 200
+    time.sleep(2.1)
+    assert server.state == "ready"
+    answer = control(server, "POST", "autoscaler", json={"scaledown_window": 2})
+    assert answer.json()["scaledown_window"] == 2
+    assert server.state == "down"  # idle for longer than the new window: down at once
+    [idle] = server.stats.snapshot()["scale_downs"]
+    assert 2.1 <= idle < 10
+
+
+def test_redeploy_drains_and_wipes_the_overrides(endpoint_server: Emulators) -> None:
+    server = endpoint_server(cold_start=0, scaledown_window=600)
+    defaults = control(server, "GET", "autoscaler").json()
+    control(server, "POST", "autoscaler", json={"min_containers": 1, "scaledown_window": 100})
+    redeploy = control(server, "POST", "redeploy")
+    assert (redeploy.status_code, redeploy.json()) == (200, {"deploys": 1})
+    assert server.state == "down"  # drained (min_containers was an override, now wiped)
+    billed = server.stats.billed_seconds()
+    time.sleep(0.1)
+    assert server.stats.billed_seconds() == billed
+    assert control(server, "GET", "autoscaler").json() == defaults
+    assert httpx.get(f"{server.base_url}/models").status_code == 200  # a cold start
+    stats = server.stats.snapshot()
+    assert (stats["cold_starts"], stats["deploys"], stats["scale_downs"]) == (2, 1, [])
+
+
+def test_redeploy_with_deployed_min_containers_boots_at_once(endpoint_server: Emulators) -> None:
+    server = endpoint_server(cold_start=60, cold_style="hold", min_containers=1)
+    server.make_ready()
+    assert server.redeploy() == 1
+    assert server.state == "booting"  # the new version boots at once
+    assert server.stats.cold_starts == 2
+    assert modal_stats(server)["num_total_runners"] == 1
+
+
+def test_startup_exit_fails_every_boot(endpoint_server: Emulators) -> None:
+    server = endpoint_server(
+        cold_start=60,
+        cold_style="hold",
+        startup_exit="CUDA out of memory",
+        min_containers=1,
+        proxy_auth=("wk-1", "ws-1"),
+    )
+    outcomes: list[httpx.Response] = []
+    workers = [ask_in_thread(server, outcomes) for _ in range(2)]
+    wait_for(lambda: server.current_stats()["backlog"] == 2)
+    server.make_ready()  # the boot ends: the server inside exits
+    for worker in workers:
+        worker.join(10)
+    assert [(r.status_code, r.text) for r in outcomes] == [
+        (500, "container exited during startup: CUDA out of memory")
+    ] * 2
+    assert server.state == "down"
+    billed = server.stats.billed_seconds()
+    time.sleep(0.2)  # min_containers does not boot again after a failed boot ...
+    assert (server.state, server.stats.billed_seconds()) == ("down", billed)
+
+    # ... the next request does (demand), and it fails the same way.
+    worker = ask_in_thread(server, outcomes)
+    wait_for(lambda: server.current_stats()["backlog"] == 1)
+    assert server.state == "booting"
+    server.make_ready()
+    worker.join(10)
+    assert outcomes[-1].status_code == 500
+    stats = server.stats.snapshot()
+    assert (stats["cold_starts"], stats["failed_boots"], stats["chat_requests"]) == (2, 2, 0)
+
+
+def test_startup_exit_without_a_cold_start_answers_at_once(endpoint_server: Emulators) -> None:
+    server = endpoint_server(startup_exit="exit code 1")
+    assert server.state == "down"  # the first boot failed at once
+    response = httpx.get(f"{server.root_url}/health")
+    assert (response.status_code, response.text) == (
+        500,
+        "container exited during startup: exit code 1",
+    )
+    assert server.stats.snapshot()["failed_boots"] == 2

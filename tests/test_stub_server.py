@@ -8,13 +8,14 @@ polls, never timed asserts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -155,28 +156,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_python_m_entry_point(tmp_path: Path, signum: int) -> None:
-    script = write_script(tmp_path, "[[rules]]\nreply = 'scripted'\n")
-    command = [
-        sys.executable,
-        "-m",
-        "pytest_modal_vllm.stub",
-        "--port",
-        "0",
-        "--host",
-        "127.0.0.1",
-        "--model",
-        "child",
-        "--script",
-        str(script),
-        "--cold-start",
-        "0.3",
-        "--cold-style",
-        "hold",
-        "--api-key",
-        "k",
-    ]
+@contextlib.contextmanager
+def child_stub(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m pytest_modal_vllm.stub ARGS` as a child process: (process, base URL) once it
+    says it is ready; killed afterwards if it still runs."""
+    command = [sys.executable, "-m", "pytest_modal_vllm.stub", *args]
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
     ) as proc:
@@ -188,18 +172,37 @@ def test_python_m_entry_point(tmp_path: Path, signum: int) -> None:
             line = proc.stdout.readline().strip()
             assert line.startswith("stub server ready at http://127.0.0.1:")
             assert line.endswith("/v1")
-            base_url = line.removeprefix("stub server ready at ")
-            with openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=10) as client:
-                result = client.chat.completions.create(model="child", messages=USER)
-            assert result.choices[0].message.content == "scripted"
-            proc.send_signal(signum)
-            assert proc.wait(10) == 0
-            assert proc.stdout.read() == ""
-            assert proc.stderr.read() == ""
+            yield proc, line.removeprefix("stub server ready at ")
         finally:
             watchdog.cancel()
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_python_m_entry_point(tmp_path: Path, signum: int) -> None:
+    script = write_script(tmp_path, "[[rules]]\nreply = 'scripted'\n")
+    args = ["--port", "0", "--host", "127.0.0.1", "--model", "child", "--script", str(script)]
+    args += ["--cold-start", "0.3", "--cold-style", "hold", "--api-key", "k"]
+    with child_stub(*args) as (proc, base_url):
+        with openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=10) as client:
+            result = client.chat.completions.create(model="child", messages=USER)
+        assert result.choices[0].message.content == "scripted"
+        proc.send_signal(signum)
+        assert proc.wait(10) == 0
+        assert proc.stdout is not None and proc.stdout.read() == ""
+        assert proc.stderr is not None and proc.stderr.read() == ""
+
+
+def test_python_m_startup_exit() -> None:
+    with child_stub("--cold-style", "hold", "--startup-exit", "exit code 3") as (proc, base_url):
+        failed = httpx.get(base_url.removesuffix("/v1") + "/health", timeout=10)
+        assert (failed.status_code, failed.text) == (
+            500,
+            "container exited during startup: exit code 3",
+        )
+        proc.terminate()
+        assert proc.wait(10) == 0
 
 
 def test_python_m_bad_script_fails_cleanly(tmp_path: Path) -> None:

@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     emulator.add_argument("--seed", type=int, default=0)
     emulator.add_argument("--response-delay", type=float, default=0.0)
     emulator.add_argument("--health-hang", action="store_true")
+    emulator.add_argument(
+        "--startup-exit", metavar="MESSAGE", help="every boot fails after the cold start"
+    )
+    emulator.add_argument("--min-containers", type=int, default=0)
+    emulator.add_argument("--max-containers", type=int, default=None)
+    emulator.add_argument("--buffer-containers", type=int, default=0)
+    emulator.add_argument("--autoscaler-unreadable", action="store_true")
     args = parser.parse_args(argv)
     if args.proxy_auth is not None:
         args.proxy_auth = tuple(args.proxy_auth)
