@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "measure the overhead of this client ple
 
 def start_stub() -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "pytest_modal_vllm.stub_server", "--port", "0"],
+        [sys.executable, "-m", "pytest_modal_vllm.stub", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

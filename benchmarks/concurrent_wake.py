@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from pytest_modal_vllm.stub_server import Behaviour, StubServer
+from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator
 from pytest_modal_vllm.wake import WakeRequest, wake_all
 
 COLD_STARTS = {"refuse-1s": (1.0, "refuse"), "503-2s": (2.0, "503"), "hold-3s": (3.0, "hold")}
@@ -13,7 +13,7 @@ COLD_STARTS = {"refuse-1s": (1.0, "refuse"), "503-2s": (2.0, "503"), "hold-3s": 
 
 def main() -> dict[str, float]:
     servers = {
-        name: StubServer(behaviour=Behaviour(cold_start=cold, cold_style=style)).start()
+        name: ModalEmulator(behaviour=EmulatorBehaviour(cold_start=cold, cold_style=style)).start()
         for name, (cold, style) in COLD_STARTS.items()
     }
     try:

@@ -1,7 +1,7 @@
 """GPU cost model on the Modal emulator: billed container time and cold starts per keep-alive.
 
 A session of requests separated by idle gaps longer than the scale-down window runs against
-the emulator (`StubServer` with `scaledown_window`, hold-style cold starts, billing counters),
+the emulator (`ModalEmulator` with `scaledown_window`, hold-style cold starts, billing counters),
 through the plugin's own wake, clients and keep-alive, under four strategies:
 
 - `off`: no keep-alive; every request after a gap waits through a new cold start;
@@ -22,7 +22,7 @@ from typing import Any
 from pytest_modal_vllm.clients import ClientFactory
 from pytest_modal_vllm.endpoint import Endpoint
 from pytest_modal_vllm.keepalive import PingKeepAlive
-from pytest_modal_vllm.stub_server import Behaviour, StubServer
+from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator
 from pytest_modal_vllm.usage import UsageMeter
 from pytest_modal_vllm.wake import Waker, WakeRequest
 
@@ -34,8 +34,10 @@ GPU_PRICE_PER_HOUR = 3.95  # assumed H100 list price, USD
 
 
 def session(strategy: str) -> dict[str, Any]:
-    server = StubServer(
-        behaviour=Behaviour(cold_start=COLD_START, cold_style="hold", scaledown_window=WINDOW)
+    server = ModalEmulator(
+        behaviour=EmulatorBehaviour(
+            cold_start=COLD_START, cold_style="hold", scaledown_window=WINDOW
+        )
     ).start()
     try:
         result = Waker(WakeRequest("emu", server.base_url, timeout=60)).run()

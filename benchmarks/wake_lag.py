@@ -6,7 +6,7 @@ Modal web function), the same cold start is measured with:
 - fixed-interval pollers as common helpers do it: 0.5 s (vLLM's test helper), 1 s
   (testcontainers), 5 s (hand-written warm-up scripts),
 and, end to end, the time from "ready" to the first test starting in a real `pytest` run.
-The endpoint's ready time is `StubServer.stats.ready_at` (CLOCK_MONOTONIC, shared by all
+The endpoint's ready time is `ModalEmulator.stats.ready_at` (CLOCK_MONOTONIC, shared by all
 processes on Linux), so the lag is measured, not estimated.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from pytest_modal_vllm.stub_server import Behaviour, StubServer
+from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator
 from pytest_modal_vllm.wake import Waker, WakeRequest
 
 STYLES = ("refuse", "503", "hold")
@@ -37,7 +37,9 @@ def cold_start() -> float:
 
 
 def plugin_lag(style: str) -> float:
-    with StubServer(behaviour=Behaviour(cold_start=cold_start(), cold_style=style)) as server:
+    with ModalEmulator(
+        behaviour=EmulatorBehaviour(cold_start=cold_start(), cold_style=style)
+    ) as server:
         Waker(WakeRequest("bench", server.base_url, timeout=60)).run()
         noticed = time.monotonic()
         assert server.stats.ready_at is not None
@@ -45,7 +47,9 @@ def plugin_lag(style: str) -> float:
 
 
 def poller_lag(style: str, interval: float) -> float:
-    with StubServer(behaviour=Behaviour(cold_start=cold_start(), cold_style=style)) as server:
+    with ModalEmulator(
+        behaviour=EmulatorBehaviour(cold_start=cold_start(), cold_style=style)
+    ) as server:
         while True:
             try:
                 # A poller with a short per-request timeout, as such helpers use.
@@ -70,7 +74,7 @@ def first_test_lag(style: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "test_first.py").write_text(FIRST_TEST)
-        with StubServer(behaviour=Behaviour(cold_start=3.0, cold_style=style)) as server:
+        with ModalEmulator(behaviour=EmulatorBehaviour(cold_start=3.0, cold_style=style)) as server:
             (root / "pyproject.toml").write_text(
                 f'[tool.modal-vllm.platforms.bench]\nkind = "url"\nbase_url = "{server.base_url}"\n'
             )

@@ -7,8 +7,8 @@ Sources, a later one replacing an earlier definition of the same name:
 
 Every field is validated here, when the file is read: an unknown field names the closest valid
 one, a field of another kind names the kinds it belongs to, a wrong type names the expected one.
-`${VAR}` references are expanded later, by `expand()`, only for the platforms a run selects,
-so that an unset variable of an unused platform is not an error.
+`${VAR}` references are expanded later, by `resolution.resolve_platform`, only for the
+platforms a run selects, so that an unset variable of an unused platform is not an error.
 """
 
 from __future__ import annotations
@@ -284,29 +284,6 @@ def _check_required(name: str, kind: str, values: Mapping[str, Any], where: str)
             "a modal platform targets one: a @modal.web_server function or an @app.server class",
             platform=name,
         )
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand(platform: str, field_name: str, value: str, env: Mapping[str, str] | None = None) -> str:
-    """Replace `${VAR}` (and `${VAR:-default}`) from the environment, or raise `ConfigError`."""
-    environ = os.environ if env is None else env
-
-    def substitute(match: re.Match[str]) -> str:
-        var, default = match.group(1), match.group(2)
-        # As in the shell, `${VAR:-default}` also uses the default when VAR is set but empty.
-        if var in environ and (environ[var] or default is None):
-            return environ[var]
-        if default is not None:
-            return default
-        raise ConfigError(
-            f"field {field_name!r} uses ${{{var}}}, but {var} is not set",
-            f"export {var}=... or put it in .env",
-            platform=platform,
-        )
-
-    return _VAR.sub(substitute, value)
 
 
 # ---------------------------------------------------------------- built-ins

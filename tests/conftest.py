@@ -1,7 +1,8 @@
 """Shared fixtures of the plugin's own test suite: real fake endpoints on 127.0.0.1.
 
-`endpoint_server(**behaviour)` starts a `StubServer` with the given switches (cold start
-style, API key, proxy auth, redirects, scale to zero, faults) and stops it at teardown.
+`endpoint_server(**behaviour)` starts a `ModalEmulator` with the given switches (cold start
+style, API key, proxy auth, redirects, scale to zero, faults) and stops it at teardown;
+`serve(**kwargs)` does the same for a plain `StubServer`.
 `write_platforms(pytester, {...})` writes `[tool.modal-vllm.platforms.*]` into the pytester
 project's pyproject.toml.
 """
@@ -21,8 +22,9 @@ from typing import Any
 import httpcore  # noqa: F401
 import httpcore2  # noqa: F401
 import pytest
+from stub_helpers import close_clients
 
-from pytest_modal_vllm.stub_server import Behaviour, StubServer
+from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator, StubServer
 
 # Plugins a pytester subprocess run does not need: each costs start-up time (langsmith's, which
 # comes with langchain, most of a second of imports).
@@ -60,7 +62,7 @@ def stub_command(*extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pytest_modal_vllm.stub_server",
+        "pytest_modal_vllm.stub",
         "--port",
         "{port}",
         "--model",
@@ -108,18 +110,35 @@ def _clean_plugin_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def endpoint_server() -> Iterator[Callable[..., StubServer]]:
-    """Factory: `endpoint_server(cold_start=2, cold_style="hold", model="m", ...)` -> started."""
+def serve() -> Iterator[Callable[..., StubServer]]:
+    """Factory: `serve(model="m", behaviour=Behaviour(...))` -> a started `StubServer`; at
+    teardown every server is stopped and the openai clients of `stub_helpers` are closed."""
     servers: list[StubServer] = []
 
-    def start(*, model: str = "stub", script: str | None = None, **behaviour: Any) -> StubServer:
-        server = StubServer(model=model, script=script, behaviour=Behaviour(**behaviour))
+    def start(cls: type[StubServer] = StubServer, **kwargs: Any) -> StubServer:
+        server = cls(**kwargs)
         servers.append(server)
         return server.start()
 
     yield start
+    close_clients()
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def endpoint_server(serve: Callable[..., Any]) -> Callable[..., ModalEmulator]:
+    """Factory: `endpoint_server(cold_start=2, cold_style="hold", model="m", ...)` -> a
+    started `ModalEmulator` (every keyword but `model` and `script` is an emulator switch)."""
+
+    def start(*, model: str = "stub", script: str | None = None, **switches: Any) -> ModalEmulator:
+        behaviour = EmulatorBehaviour(**switches)
+        server: ModalEmulator = serve(
+            ModalEmulator, model=model, script=script, behaviour=behaviour
+        )
+        return server
+
+    return start
 
 
 def toml_value(value: Any) -> str:

@@ -1,5 +1,5 @@
 """`modal-vllm deploy/status/stop/wake` on a modal platform, through the fake Modal adapter and
-the Modal emulator (a StubServer)."""
+the Modal emulator (`ModalEmulator`)."""
 
 from __future__ import annotations
 

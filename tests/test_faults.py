@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import stub_command
 
-from pytest_modal_vllm.stub_server import StubServer
+from pytest_modal_vllm.stub import ModalEmulator
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,9 @@ def test_a_killed_process_fails_fast_under_xdist_too(pytester, write_platforms) 
     assert_killed_process_failed_fast(result, output, "exited")
 
 
-def url_platform(write_platforms: Callable[..., None], server: StubServer, **fields: Any) -> None:
+def url_platform(
+    write_platforms: Callable[..., None], server: ModalEmulator, **fields: Any
+) -> None:
     write_platforms({"p": {"kind": "url", "base_url": server.base_url, **fields}})
 
 
@@ -167,7 +169,7 @@ def url_platform(write_platforms: Callable[..., None], server: StubServer, **fie
 def test_fault(case: Fault, pytester, endpoint_server, write_platforms, tmp_path) -> None:
     report = tmp_path / "report.json"
     args = ["--vllm-platform=p", f"--vllm-report={report}"]
-    server: StubServer | None = None
+    server: ModalEmulator | None = None
     if case.id == "scale-to-zero":
         server = endpoint_server(cold_start=0.5, cold_style="hold", scaledown_window=0.8)
         url_platform(write_platforms, server)

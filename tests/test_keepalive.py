@@ -17,7 +17,7 @@ from pytest_modal_vllm.platforms import Platform
 from pytest_modal_vllm.resolution import resolve_platforms
 from pytest_modal_vllm.session import EndpointSession
 from pytest_modal_vllm.settings import resolve
-from pytest_modal_vllm.stub_server import StubServer
+from pytest_modal_vllm.stub import StubServer
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -1,5 +1,5 @@
 """The `modal` kind end to end: pytest sessions (subprocesses) against a fake Modal SDK adapter
-and a Modal-like emulator (a `StubServer` with held requests, scale to zero and proxy auth).
+and a Modal-like emulator (a `ModalEmulator`: held requests, scale to zero and proxy auth).
 
 The subprocesses load `tests/fake_modal.py` through the adapter seam
 (`MODAL_VLLM_SDK_ADAPTER=fake_modal:FakeModal`, `tests/` on `PYTHONPATH`); the emulator lives in
@@ -26,7 +26,7 @@ import pytest
 from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, assert_no_secrets
 from fake_modal import read_calls, read_state
 
-from pytest_modal_vllm.stub_server import StubServer
+from pytest_modal_vllm.stub import ModalEmulator
 
 TESTS_DIR = Path(__file__).resolve().parent
 APP = "my-app"
@@ -94,10 +94,10 @@ def fake_modal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeModalFile
 
 
 @pytest.fixture
-def emulator(endpoint_server: Callable[..., StubServer]) -> Callable[..., StubServer]:
+def emulator(endpoint_server: Callable[..., ModalEmulator]) -> Callable[..., ModalEmulator]:
     """Factory: a Modal-like emulator, already scaled to zero (the wake boots it)."""
 
-    def start(**behaviour: Any) -> StubServer:
+    def start(**behaviour: Any) -> ModalEmulator:
         server = endpoint_server(**behaviour)
         server.scale_to_zero()
         return server
@@ -105,7 +105,7 @@ def emulator(endpoint_server: Callable[..., StubServer]) -> Callable[..., StubSe
     return start
 
 
-def boots(server: StubServer) -> int:
+def boots(server: ModalEmulator) -> int:
     """Container boots since the emulator was scaled to zero before the run."""
     return server.stats.cold_starts - 1  # its own first boot, scaled away at once
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import API_KEY, PROXY_KEY, PROXY_SECRET
 
 from pytest_modal_vllm.errors import ConfigError, PlatformError, UnavailableError
-from pytest_modal_vllm.stub_server import StubServer
+from pytest_modal_vllm.stub import StubServer
 from pytest_modal_vllm.wake import (
     Outcome,
     Verdict,

@@ -9,7 +9,7 @@ from ..resolution import ResolvedPlatform
 from .base import NOT_RUNNING
 
 if TYPE_CHECKING:
-    from ..stub_server import StubServer
+    from ..stub import StubServer
 
 
 class StubProvider:
@@ -23,7 +23,7 @@ class StubProvider:
 
     def start(self) -> str:
         """Bind the stub on 127.0.0.1 and serve it from daemon threads; its base URL."""
-        from ..stub_server import Behaviour, StubServer
+        from ..stub import Behaviour, StubServer
 
         platform = self.platform
         try:
