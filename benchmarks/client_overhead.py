@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import openai
+from emulator import EMULATOR_SCRIPT
 
 from pytest_modal_vllm.clients import ClientFactory
 from pytest_modal_vllm.endpoint import Endpoint
@@ -28,7 +29,7 @@ MESSAGES = [{"role": "user", "content": "measure the overhead of this client ple
 
 def start_stub() -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "pytest_modal_vllm.stub", "--port", "0"],
+        [sys.executable, str(EMULATOR_SCRIPT), "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

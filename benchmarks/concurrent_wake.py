@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator
+from emulator import EmulatorBehaviour, ModalEmulator
+
 from pytest_modal_vllm.wake import WakeRequest, wake_all
 
 COLD_STARTS = {"refuse-1s": (1.0, "refuse"), "503-2s": (2.0, "503"), "hold-3s": (3.0, "hold")}

@@ -19,10 +19,11 @@ import json
 import time
 from typing import Any
 
+from emulator import EmulatorBehaviour, ModalEmulator
+
 from pytest_modal_vllm.clients import ClientFactory
 from pytest_modal_vllm.endpoint import Endpoint
 from pytest_modal_vllm.keepalive import PingKeepAlive
-from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator
 from pytest_modal_vllm.usage import UsageMeter
 from pytest_modal_vllm.wake import Waker, WakeRequest
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import httpx
+from emulator import EmulatorBehaviour, ModalEmulator
 
-from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator
 from pytest_modal_vllm.wake import Waker, WakeRequest
 
 STYLES = ("refuse", "503", "hold")

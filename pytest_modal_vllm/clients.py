@@ -22,7 +22,6 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -209,28 +208,9 @@ def _stream_types(lib: ModuleType) -> tuple[type, type]:
     return MeteredStream, AsyncMeteredStream
 
 
-@dataclass(frozen=True)
-class _Send:
-    """Step: send the request through the wrapped transport; the answer comes back."""
-
-    request: Any
-
-
-@dataclass(frozen=True)
-class _Block:
-    """Step: run a blocking call (a re-wake, a `/health` probe); its result comes back."""
-
-    call: Callable[[], bool]
-
-
-@dataclass(frozen=True)
-class _Discard:
-    """Step: close a response that will not be returned."""
-
-    response: Any
-
-
-_Exchange = Generator["_Send | _Block | _Discard", Any, Any]
+# The steps an exchange yields: ("send", request) -> the response; ("block", call) -> what the
+# blocking call (a re-wake, a /health probe) returns; ("discard", response) closes a response.
+_Exchange = Generator[tuple[str, Any], Any, Any]
 
 
 class _Steps:
@@ -287,9 +267,9 @@ class PlatformTransport:
             may_rewake = attempt < MAX_REWAKES_PER_REQUEST
             try:
                 self.guard.check()
-                response = yield _Send(request)
+                response = yield ("send", request)
             except self.lib.ConnectError as error:
-                if may_rewake and (yield _Block(self.guard.rewake)):
+                if may_rewake and (yield ("block", self.guard.rewake)):
                     continue
                 raise self._fail(started, error) from error
             except Exception as error:  # PlatformDown included
@@ -297,10 +277,10 @@ class PlatformTransport:
             if (
                 response.status_code in REWAKE_STATUSES
                 and may_rewake
-                and (yield _Block(self._went_cold))
+                and (yield ("block", self._went_cold))
             ):
-                yield _Discard(response)
-                if (yield _Block(self.guard.rewake)):
+                yield ("discard", response)
+                if (yield ("block", self.guard.rewake)):
                     continue
                 down = PlatformDown(self.guard.dead or "it did not come back")
                 raise self._fail(started, down) from None
@@ -340,13 +320,14 @@ class PlatformTransport:
         steps = _Steps(self._exchange(request, _stream_types(self.lib)[0]))
         step = steps.next()
         while step is not None:
+            kind, subject = step
             try:
-                if isinstance(step, _Send):
-                    reply = self.inner.handle_request(step.request)
-                elif isinstance(step, _Block):
-                    reply = step.call()
+                if kind == "send":
+                    reply = self.inner.handle_request(subject)
+                elif kind == "block":
+                    reply = subject()
                 else:
-                    reply = step.response.close()
+                    reply = subject.close()
             except Exception as error:
                 step = steps.fail(error)
             else:
@@ -368,13 +349,14 @@ class AsyncPlatformTransport(PlatformTransport):
         steps = _Steps(self._exchange(request, _stream_types(self.lib)[1]))
         step = steps.next()
         while step is not None:
+            kind, subject = step
             try:
-                if isinstance(step, _Send):
-                    reply = await self.inner.handle_async_request(step.request)
-                elif isinstance(step, _Block):
-                    reply = await asyncio.to_thread(step.call)
+                if kind == "send":
+                    reply = await self.inner.handle_async_request(subject)
+                elif kind == "block":
+                    reply = await asyncio.to_thread(subject)
                 else:
-                    reply = await step.response.aclose()
+                    reply = await subject.aclose()
             except Exception as error:
                 step = steps.fail(error)
             else:

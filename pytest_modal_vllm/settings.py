@@ -55,6 +55,8 @@ class Option:
     is_flag: bool = False
     repeatable: bool = False
     metavar: str | None = None
+    # The value when no source gives one (flags: False).
+    default: Any = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -66,6 +68,7 @@ OPTIONS: tuple[Option, ...] = (
         env="MODAL_VLLM_PLATFORM",
         repeatable=True,
         metavar="NAME",
+        default=[],
     ),
     Option(
         "config",
@@ -123,6 +126,7 @@ OPTIONS: tuple[Option, ...] = (
         env="MODAL_VLLM_UNAVAILABLE",
         choices=UNAVAILABLE_MODES,
         metavar="MODE",
+        default="fail",
     ),
     Option(
         "report",
@@ -140,19 +144,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 OPTIONS_BY_DEST = {option.dest: option for option in OPTIONS}
-DEFAULTS: dict[str, Any] = {
-    "platform": [],
-    "config": None,
-    "env_file": None,
-    "wake_timeout": None,
-    "no_wake": False,
-    "keep_alive": None,
-    "deploy": False,
-    "ephemeral": False,
-    "unavailable": "fail",
-    "report": None,
-    "list_platforms": False,
-}
+DEFAULTS: dict[str, Any] = {o.dest: False if o.is_flag else o.default for o in OPTIONS}
 
 
 def add_options(parser: pytest.Parser) -> None:

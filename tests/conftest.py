@@ -22,9 +22,12 @@ from typing import Any
 import httpcore  # noqa: F401
 import httpcore2  # noqa: F401
 import pytest
+from modal_emulator import EmulatorBehaviour, ModalEmulator
 from stub_helpers import close_clients
 
-from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator, StubServer
+from pytest_modal_vllm.stub import StubServer
+
+EMULATOR_SCRIPT = Path(__file__).resolve().parent / "modal_emulator.py"
 
 # Plugins a pytester subprocess run does not need: each costs start-up time (langsmith's, which
 # comes with langchain, most of a second of imports).
@@ -61,8 +64,7 @@ def stub_command(*extra: str) -> list[str]:
     name, `{model}`, doubles as a marker to find the process in /proc)."""
     return [
         sys.executable,
-        "-m",
-        "pytest_modal_vllm.stub",
+        str(EMULATOR_SCRIPT),
         "--port",
         "{port}",
         "--model",

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from modal_emulator import ModalEmulator
 
 from pytest_modal_vllm.clients import BODY_CAP, TAIL_KEEP, ClientFactory, _Recorder
 from pytest_modal_vllm.endpoint import Endpoint
 from pytest_modal_vllm.errors import UnavailableError
 from pytest_modal_vllm.resolution import ClientOptions
-from pytest_modal_vllm.stub_server import StubServer
 from pytest_modal_vllm.usage import UsageMeter
 from pytest_modal_vllm.wake import WakeRequest
 
@@ -21,7 +21,7 @@ ASK = [{"role": "user", "content": "one two three"}]
 
 
 def factory_for(
-    server: StubServer, meter: UsageMeter, rewake: Callable[[], object] | None = None
+    server: ModalEmulator, meter: UsageMeter, rewake: Callable[[], object] | None = None
 ) -> ClientFactory:
     endpoint = Endpoint(platform="p", base_url=server.base_url, model=server.model)
     wake = WakeRequest(platform="p", base_url=server.base_url, timeout=10.0)
@@ -34,7 +34,7 @@ def counts(meter: UsageMeter) -> dict[str, Any]:
 
 
 def test_a_plain_answer_is_metered_once_with_its_tokens(
-    endpoint_server: Callable[..., StubServer],
+    endpoint_server: Callable[..., ModalEmulator],
 ) -> None:
     server = endpoint_server()
     meter = UsageMeter()
@@ -51,7 +51,7 @@ def test_a_plain_answer_is_metered_once_with_its_tokens(
 
 
 def test_a_streamed_answer_is_metered_when_consumed_with_its_usage_chunk(
-    endpoint_server: Callable[..., StubServer],
+    endpoint_server: Callable[..., ModalEmulator],
 ) -> None:
     server = endpoint_server()
     meter = UsageMeter()
@@ -71,7 +71,7 @@ def test_a_streamed_answer_is_metered_when_consumed_with_its_usage_chunk(
 
 
 def test_a_failed_answer_counts_as_an_error_without_tokens(
-    endpoint_server: Callable[..., StubServer],
+    endpoint_server: Callable[..., ModalEmulator],
 ) -> None:
     import openai
 
@@ -83,7 +83,7 @@ def test_a_failed_answer_counts_as_an_error_without_tokens(
     assert counts(meter) == {"requests": 1, "errors": 1, "prompt_tokens": 0, "completion_tokens": 0}
 
 
-def test_a_followed_redirect_is_one_request(endpoint_server: Callable[..., StubServer]) -> None:
+def test_a_followed_redirect_is_one_request(endpoint_server: Callable[..., ModalEmulator]) -> None:
     server = endpoint_server(cold_start=1.2, cold_style="hold", redirect_after=0.3)
     meter = UsageMeter()
     client = factory_for(server, meter).openai_client()
@@ -108,7 +108,7 @@ def test_the_body_cap_keeps_the_tail_where_the_usage_is() -> None:
 
 
 def test_concurrent_requests_to_a_cold_endpoint_share_one_rewake(
-    endpoint_server: Callable[..., StubServer],
+    endpoint_server: Callable[..., ModalEmulator],
 ) -> None:
     server = endpoint_server(cold_start=0.6, cold_style="503")
     assert server.wait_ready(5)
@@ -144,7 +144,7 @@ def test_concurrent_requests_to_a_cold_endpoint_share_one_rewake(
 
 
 def test_a_failed_rewake_makes_later_requests_fail_at_once(
-    endpoint_server: Callable[..., StubServer],
+    endpoint_server: Callable[..., ModalEmulator],
 ) -> None:
     import openai
 
@@ -166,7 +166,7 @@ def test_a_failed_rewake_makes_later_requests_fail_at_once(
 
 
 def test_async_clients_share_the_same_transport_logic(
-    endpoint_server: Callable[..., StubServer],
+    endpoint_server: Callable[..., ModalEmulator],
 ) -> None:
     import asyncio
 

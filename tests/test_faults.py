@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import stub_command
-
-from pytest_modal_vllm.stub import ModalEmulator
+from modal_emulator import ModalEmulator
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, assert_no_secrets
 from fake_modal import read_calls, read_state
-
-from pytest_modal_vllm.stub import ModalEmulator
+from modal_emulator import ModalEmulator
 
 TESTS_DIR = Path(__file__).resolve().parent
 APP = "my-app"

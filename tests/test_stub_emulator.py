@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from modal_emulator import EmulatorBehaviour, ModalEmulator
 from stub_helpers import USER, client_for, refused, stub_threads, wait_for
-
-from pytest_modal_vllm.stub import EmulatorBehaviour, ModalEmulator
 
 Emulators = Callable[..., ModalEmulator]
 

@@ -1,5 +1,5 @@
 """`StubServer` over real HTTP on 127.0.0.1: routes, keep-alive, API key, the simple cold start,
-clean stops, and `python -m pytest_modal_vllm.stub`.
+clean stops, and the emulator script as a process.
 
 No mocks: each test starts a server on a free loopback port and talks to it with the `openai`
 client (what users use) or `httpx` (to see raw statuses, headers and bodies). Waits are bounded
@@ -21,10 +21,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from stub_helpers import USER, client_for, stub_threads, write_script
+from conftest import EMULATOR_SCRIPT
+from stub_helpers import USER, client_for, stub_threads, wait_for, write_script
 
 from pytest_modal_vllm import stub
-from pytest_modal_vllm.stub import CREATED, Behaviour, StubServer
+from pytest_modal_vllm.stub import Behaviour, StubServer
+from pytest_modal_vllm.stub.replies import CREATED
 
 REPO_ROOT = Path(stub.__file__).resolve().parents[2]
 
@@ -147,7 +149,7 @@ def test_behaviour_validation() -> None:
         Behaviour(cold_start=-1)
 
 
-# -- python -m pytest_modal_vllm.stub ----------------------------------------------------------
+# -- the emulator as a process (tests/modal_emulator.py) ---------------------------------------
 
 
 def child_env() -> dict[str, str]:
@@ -158,9 +160,9 @@ def child_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def child_stub(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`python -m pytest_modal_vllm.stub ARGS` as a child process: (process, base URL) once it
+    """`python tests/modal_emulator.py ARGS` as a child process: (process, base URL) once it
     says it is ready; killed afterwards if it still runs."""
-    command = [sys.executable, "-m", "pytest_modal_vllm.stub", *args]
+    command = [sys.executable, str(EMULATOR_SCRIPT), *args]
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
     ) as proc:
@@ -180,11 +182,13 @@ def child_stub(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_python_m_entry_point(tmp_path: Path, signum: int) -> None:
+def test_the_emulator_script_serves_until_a_signal(tmp_path: Path, signum: int) -> None:
     script = write_script(tmp_path, "[[rules]]\nreply = 'scripted'\n")
     args = ["--port", "0", "--host", "127.0.0.1", "--model", "child", "--script", str(script)]
-    args += ["--cold-start", "0.3", "--cold-style", "hold", "--api-key", "k"]
+    args += ["--cold-start", "0.3", "--api-key", "k"]
     with child_stub(*args) as (proc, base_url):
+        health = base_url.removesuffix("/v1") + "/health"
+        wait_for(lambda: httpx.get(health).status_code == 200, 10)  # through the cold start
         with openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=10) as client:
             result = client.chat.completions.create(model="child", messages=USER)
         assert result.choices[0].message.content == "scripted"
@@ -194,8 +198,9 @@ def test_python_m_entry_point(tmp_path: Path, signum: int) -> None:
         assert proc.stderr is not None and proc.stderr.read() == ""
 
 
-def test_python_m_startup_exit() -> None:
-    with child_stub("--cold-style", "hold", "--startup-exit", "exit code 3") as (proc, base_url):
+def test_the_emulator_script_runs_with_its_switches() -> None:
+    args = ("--cold-style", "hold", "--startup-exit", "exit code 3")
+    with child_stub(*args) as (proc, base_url):
         failed = httpx.get(base_url.removesuffix("/v1") + "/health", timeout=10)
         assert (failed.status_code, failed.text) == (
             500,
@@ -205,9 +210,9 @@ def test_python_m_startup_exit() -> None:
         assert proc.wait(10) == 0
 
 
-def test_python_m_bad_script_fails_cleanly(tmp_path: Path) -> None:
+def test_the_emulator_script_fails_cleanly_on_a_bad_script(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
-    command = [sys.executable, "-m", "pytest_modal_vllm.stub", "--script", str(missing)]
+    command = [sys.executable, str(EMULATOR_SCRIPT), "--script", str(missing)]
     out = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=20)
     assert out.returncode == 2
     assert f"stub script {missing}: file not found" in out.stderr

@@ -117,7 +117,7 @@ def test_process_server_started_once_under_xdist_and_gone_after(pytester, write_
                         cmdline = (entry / "cmdline").read_bytes()
                     except OSError:
                         continue
-                    found += token.encode() in cmdline and b"pytest_modal_vllm.stub" in cmdline
+                    found += token.encode() in cmdline and b"modal_emulator.py" in cmdline
             return found
         """,
     )

@@ -1,5 +1,9 @@
 """`ModalEmulator`: a `StubServer` that behaves like a Modal web endpoint, with fault switches.
 
+The stand-in for Modal's side of the network in the plugin's tests and benchmarks (with the
+fake SDK adapter of `fake_modal.py`); not shipped, users get the plain `StubServer`. Run it as
+a process (`python tests/modal_emulator.py --help`) or start it in process.
+
 The emulated container boots (cold start), holds requests while it boots (or answers 503, or
 refuses), redirects a request held longer than `redirect_after` with `303 See Other` to a
 result URL, scales to zero after `scaledown_window` idle seconds, boots again on the next
@@ -21,14 +25,26 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .server import BOOTING, NEW, READY, STOPPED, Behaviour, Gone, Request, Stats, StubServer
-from .transport import reset, send, send_json, send_text
+from pytest_modal_vllm.stub.server import (
+    BOOTING,
+    NEW,
+    READY,
+    STOPPED,
+    Behaviour,
+    Gone,
+    Request,
+    Stats,
+    StubServer,
+)
+from pytest_modal_vllm.stub.transport import reset, send, send_json, send_text
 
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler
@@ -460,3 +476,74 @@ class ModalEmulator(StubServer):
     def _draw_failure(self) -> bool:
         with self._cond:
             return self._rng.random() < self.behaviour.fail_rate
+
+
+def serve_until_signal(server: StubServer) -> int:
+    """Start `server`, say when it listens, serve until SIGTERM or SIGINT, stop it; 0."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    try:
+        # Short waits so the signal handler (main thread only) runs promptly.
+        while not stopping.is_set() and not server.wait_listening(0.1):
+            pass
+        if not stopping.is_set():
+            print(f"stub server ready at {server.base_url}", flush=True)
+        while not stopping.wait(0.2):
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run an emulator in the foreground until SIGTERM or SIGINT; return the exit code."""
+    import argparse
+    from dataclasses import fields
+
+    parser = argparse.ArgumentParser(
+        prog="modal_emulator.py", description="A Modal-like OpenAI-compatible endpoint."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="stub")
+    parser.add_argument("--script", default=None, help="TOML rules file")
+    parser.add_argument("--cold-start", type=float, default=0.0)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--cold-style", choices=COLD_STYLES, default="refuse-then-503")
+    parser.add_argument("--redirect-after", type=float, default=None)
+    parser.add_argument("--proxy-auth", nargs=2, metavar=("KEY", "SECRET"), default=None)
+    parser.add_argument("--scaledown-window", type=float, default=None)
+    parser.add_argument("--fail-rate", type=float, default=0.0)
+    parser.add_argument("--fail-mode", choices=FAIL_MODES, default="503")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--response-delay", type=float, default=0.0)
+    parser.add_argument("--health-hang", action="store_true")
+    parser.add_argument("--startup-exit", metavar="MESSAGE", help="every boot fails")
+    parser.add_argument("--min-containers", type=int, default=0)
+    parser.add_argument("--max-containers", type=int, default=None)
+    parser.add_argument("--buffer-containers", type=int, default=0)
+    parser.add_argument("--autoscaler-unreadable", action="store_true")
+    args = parser.parse_args(argv)
+    if args.proxy_auth is not None:
+        args.proxy_auth = tuple(args.proxy_auth)
+    try:
+        behaviour = EmulatorBehaviour(
+            **{f.name: getattr(args, f.name) for f in fields(EmulatorBehaviour)}
+        )
+        server = ModalEmulator(
+            host=args.host, port=args.port, model=args.model, script=args.script,
+            behaviour=behaviour,
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    return serve_until_signal(server)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
