@@ -86,6 +86,8 @@ def cmd_wake(args: argparse.Namespace) -> int:
         session.start(on_progress=progress)
     finally:
         progress.finish()
+        for note in session.notes:
+            print(note, file=sys.stderr)
         session.close()
     print(header_line(session.endpoints[platform.name]).replace("vllm: ", "", 1))
     return 0
@@ -141,10 +143,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy a modal platform's app (Modal's build output is shown)."""
     from .providers.modal import ModalProvider
 
-    platform = _modal_platform(args, "deploy")
-    url = ModalProvider(platform).deploy()
-    app = platform.definition.app
-    print(f"{platform.name}: deployed app {app!r}" + (f" at {url}" if url else ""))
+    provider = ModalProvider(_modal_platform(args, "deploy"))
+    found = provider.deploy(force=args.force)
+    for note in provider.notes:
+        print(f"{provider.platform.name}: {note}" + (f" at {found.url}" if found.url else ""))
     return 0
 
 
@@ -207,9 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="wake timeout (default: the platform's)",
     )
     wake.set_defaults(run=cmd_wake)
+    deploy = commands.add_parser(
+        "deploy", help="deploy a modal platform's app (skipped when deployed with its settings)"
+    )
+    deploy.add_argument("name")
+    deploy.add_argument("--force", action="store_true", help="deploy even with the same settings")
+    deploy.set_defaults(run=cmd_deploy)
     for name, helptext, run in (
         ("status", "where a platform is and its state; wakes nothing", cmd_status),
-        ("deploy", "deploy a modal platform's app", cmd_deploy),
         ("stop", "stop a deployed modal platform's app", cmd_stop),
         ("serve", "run a stub or process platform in the foreground", cmd_serve),
     ):

@@ -43,7 +43,18 @@ class ConfigError(PlatformError):
     exit_code = EXIT_CONFIG
 
 
+class DefinitionError(ConfigError):
+    """The platform's own definition is broken (its app does not build, Modal refuses it):
+    exit 4 even with `--vllm-unavailable=skip`, which skips platforms this environment cannot
+    reach, never a broken one."""
+
+
 class UnavailableError(PlatformError):
     """The endpoint did not become ready in time or cannot be reached: exit 75."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class SettingUnreadable(UnavailableError):
+    """A setting that was to be changed and later restored could not be read: it is not
+    changed at all (a value that was not read is never written back as a guess)."""

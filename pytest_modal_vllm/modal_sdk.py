@@ -29,9 +29,11 @@ every one of these fails at once with `modal.exception.AuthError`, before any ne
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -41,13 +43,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from .errors import ConfigError, UnavailableError
+from .errors import ConfigError, DefinitionError, UnavailableError
 
 if TYPE_CHECKING:
     import modal
 
 ADAPTER_ENV = "MODAL_VLLM_SDK_ADAPTER"
 DEFAULT_FUNCTION = "serve"
+# The app tag that records the settings a deployed app was deployed with (`fingerprint()`).
+FINGERPRINT_TAG = "modal-vllm-fingerprint"
+# The settings handed to an app file as one JSON object: an app that reads them (the bundled
+# one does) sees only the platform's settings, never unrelated variables of the shell.
+SETTINGS_ENV = "MODAL_VLLM_SETTINGS"
 
 AUTH_FIX = (
     "authenticate with Modal: run `modal setup` (or `modal token new`), or set "
@@ -83,11 +90,21 @@ class ModalTarget:
 
 @dataclass(frozen=True)
 class ModalStatus:
-    """What `status()` found without waking anything: deployed or not, and the URL."""
+    """What `status()` found from Modal's control plane, without waking any container.
+
+    `None` means "not known" (not deployed, or not offered for this kind of target).
+    """
 
     deployed: bool
     url: str | None = None
     detail: str = ""
+    # Containers running (booting or serving) and requests waiting for one.
+    containers: int | None = None
+    backlog: int | None = None
+    # Whether the endpoint demands Modal proxy auth (False: anyone with the URL wakes it).
+    proxy_auth: bool | None = None
+    # The settings fingerprint the plugin tagged the deployed app with (see `deploy`).
+    fingerprint: str | None = None
 
 
 def deploy_fix(platform: str | None = None) -> str:
@@ -119,37 +136,71 @@ def auth_error(detail: str = "") -> ConfigError:
     return ConfigError(problem, AUTH_FIX)
 
 
+# Modal's exceptions that mean "try again": the API or the network failed for a moment. Every
+# other `modal.exception.Error` is a problem of the app, its settings or the account (exit 4):
+# with --vllm-unavailable=skip it must stop the run, not skip it.
+_TRANSIENT = (
+    "ConnectionError",
+    "InternalError",
+    "ServiceError",
+    "ResourceExhaustedError",
+    "TimeoutError",
+    "InternalFailure",
+)
+
+
 @contextlib.contextmanager
 def _modal_errors(action: str, target: ModalTarget, *, lookup: bool = True) -> Iterator[None]:
     """Turn Modal's exceptions raised while doing `action` into the plugin's two errors.
 
-    `lookup` says whether a `NotFoundError` means "this app/function is not deployed"; during
-    a deploy it means something else is missing (usually the API key Secret).
+    Mapped by class, most specific first (`ImageBuildError` and `RemoteError` are `Error`s like
+    the transient ones). `lookup` says whether a `NotFoundError` means "this app/function is
+    not deployed"; during a deploy it means something else is missing (usually a Secret).
     """
     from modal import exception as mx
 
     try:
         yield
-    except (mx.AuthError, mx.PermissionDeniedError) as error:
+    except mx.AuthError as error:
         raise auth_error(str(error)) from error
+    except mx.PermissionDeniedError as error:
+        raise ConfigError(
+            f"Modal denied the permission for {action} the {target.describe()} "
+            f"(Modal: {_message(error)})",
+            "use a token of the workspace that owns the app, with the role that allows it "
+            "(deploying and changing autoscaler settings need a workspace member, not a "
+            "read-only token); `modal token info` shows which one is in use",
+        ) from error
     except mx.NotFoundError as error:
         if lookup:
             raise not_deployed_error(target, str(error)) from error
         raise ConfigError(
-            f"{action} of Modal app {target.app!r} failed: {str(error).strip().rstrip('.')}",
+            f"{action} of Modal app {target.app!r} failed: {_message(error)}",
             _missing_object_fix(str(error)),
         ) from error
+    except mx.ImageBuildError as error:
+        raise DefinitionError(
+            f"the image of Modal app {target.app!r} failed to build: {_message(error)}",
+            "read the build output above (or `modal app logs " + target.app + "`), then fix the "
+            "image settings in deploy_env (VLLM_VERSION, the base image) or the app file",
+        ) from error
     except (mx.InvalidError, mx.VersionError) as error:
-        raise ConfigError(
-            f"{action} of Modal app {target.app!r} was refused: {str(error).strip().rstrip('.')}",
+        raise DefinitionError(
+            f"{action} of Modal app {target.app!r} was refused: {_message(error)}",
             "check the platform's app, function/server, environment and deploy_env",
         ) from error
     except mx.Error as error:
-        raise UnavailableError(
-            f"{action} of Modal app {target.app!r} failed: {type(error).__name__}: "
-            f"{str(error).strip().rstrip('.')}",
-            "try again; if it persists, see https://status.modal.com",
-        ) from error
+        problem = f"{action} of Modal app {target.app!r} failed: {type(error).__name__}: "
+        problem += _message(error)
+        if isinstance(error, tuple(getattr(mx, name) for name in _TRANSIENT if hasattr(mx, name))):
+            raise UnavailableError(
+                problem, "try again; if it persists, see https://status.modal.com"
+            ) from error
+        raise ConfigError(problem, "see Modal's message and the app's logs") from error
+
+
+def _message(error: BaseException) -> str:
+    return str(error).strip().rstrip(".")
 
 
 def _missing_object_fix(message: str) -> str:
@@ -176,6 +227,24 @@ def bundled_app_file() -> Path:
     if installed.is_file():
         return installed
     return package_dir.parent / "modal_app" / "vllm_server.py"
+
+
+def fingerprint(app_file: Path, deploy_env: Mapping[str, str]) -> str:
+    """What a deploy of `app_file` with `deploy_env` deploys, as 32 hex digits.
+
+    It covers the app file and its settings; for the bundled app also the modules beside it
+    (the auth middleware), which ship with it. A custom app that imports other local files:
+    redeploy with `--force` after changing only those.
+    """
+    digest = hashlib.sha256()
+    files = [Path(app_file)]
+    if Path(app_file).resolve() == bundled_app_file().resolve():
+        files = sorted(Path(app_file).parent.glob("*.py"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    settings = {key: str(value) for key, value in deploy_env.items()}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
 
 
 @dataclass
@@ -205,6 +274,10 @@ class LoadedApp:
 def load_app_file(app_file: Path, deploy_env: Mapping[str, str]) -> LoadedApp:
     """Import `app_file` with `deploy_env` applied to `os.environ`, like `modal deploy FILE`.
 
+    The same settings are also in `MODAL_VLLM_SETTINGS` (one JSON object): an app file that
+    reads its settings from there (the bundled app does) sees only the platform's settings,
+    never other variables of the shell or `.env`.
+
     Each call imports the file afresh (two platforms may share one file with different
     settings). The environment is restored as soon as the import is done: the app file reads
     its settings at import. During the import the module is registered in `sys.modules` under
@@ -232,13 +305,15 @@ def load_app_file(app_file: Path, deploy_env: Mapping[str, str]) -> LoadedApp:
     module = importlib.util.module_from_spec(spec)
 
     previous_module = sys.modules.get(name)
-    saved_env = {key: os.environ.get(key) for key in deploy_env}
+    applied = {key: str(value) for key, value in deploy_env.items()}
+    applied[SETTINGS_ENV] = json.dumps(applied, sort_keys=True)
+    saved_env = {key: os.environ.get(key) for key in applied}
     sys.modules[name] = module
     try:
-        os.environ.update({key: str(value) for key, value in deploy_env.items()})
+        os.environ.update(applied)
         spec.loader.exec_module(module)
     except Exception as error:
-        raise ConfigError(
+        raise DefinitionError(
             f"the Modal app file {str(path)!r} failed to import with deploy_env "
             f"{sorted(deploy_env)}: {type(error).__name__}: {error}",
             "fix the deploy_env values of the platform (or the app file)",
@@ -275,8 +350,15 @@ class ModalBackend(Protocol):
         """The URL of a deployed web function or server; `NotDeployedError` if there is none."""
         ...
 
-    def deploy(self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget) -> None:
-        """Deploy the app defined in `app_file` under the target's app name."""
+    def deploy(
+        self,
+        app_file: Path,
+        deploy_env: Mapping[str, str],
+        target: ModalTarget,
+        fingerprint: str,
+    ) -> None:
+        """Deploy the app defined in `app_file` under the target's app name, tagged with
+        `fingerprint` (read back by `status`)."""
         ...
 
     def ephemeral(
@@ -298,7 +380,7 @@ class ModalBackend(Protocol):
         ...
 
     def status(self, target: ModalTarget) -> ModalStatus:
-        """Deployed or not, and the URL, without waking any container."""
+        """Deployed or not, URL, containers, backlog, proxy auth, fingerprint; wakes nothing."""
         ...
 
 
@@ -346,22 +428,63 @@ class ModalSDK:
             return self._url_of(self._remote_handle(target), target)
 
     def status(self, target: ModalTarget) -> ModalStatus:
-        """Deployed or not, and the URL; a lookup only, no container is woken."""
+        """Deployed or not, URL, containers, backlog, proxy auth, fingerprint.
+
+        Control-plane calls only (`get_current_stats`, `info`, the app's tags): for a web
+        endpoint any HTTP request is demand and would start a container; these do not.
+        """
+        import modal
+
         try:
             url = self.locate(target)
         except NotDeployedError as error:
             return ModalStatus(deployed=False, url=None, detail=error.problem)
-        return ModalStatus(deployed=True, url=url)
+        with _modal_errors("reading the state of", target):
+            handle = self._remote_handle(target)
+            if isinstance(handle, modal.Server):
+                # A Server has no get_current_stats: its registered containers are the count.
+                containers: int | None = len(handle._experimental_list_containers())
+                backlog = None
+                proxy_auth: bool | None = not handle.info().unauthenticated
+            else:
+                stats = handle.get_current_stats()
+                containers, backlog = stats.num_total_runners, stats.backlog
+                web = handle.info().web_info
+                proxy_auth = None if web is None else not web.unauthenticated
+            tags = {} if target in self._ephemeral_handles else self._app(target).get_tags()
+        return ModalStatus(
+            deployed=True,
+            url=url,
+            containers=containers,
+            backlog=backlog,
+            proxy_auth=proxy_auth,
+            fingerprint=tags.get(FINGERPRINT_TAG),
+        )
+
+    @staticmethod
+    def _app(target: ModalTarget) -> Any:
+        import modal
+
+        return modal.App.lookup(target.app, environment_name=target.environment)
 
     # -- deploy / ephemeral
 
-    def deploy(self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget) -> None:
-        """Import `app_file` with `deploy_env`, then `app.deploy(name=...)` with output."""
+    def deploy(
+        self,
+        app_file: Path,
+        deploy_env: Mapping[str, str],
+        target: ModalTarget,
+        fingerprint: str,
+    ) -> None:
+        """Import `app_file` with `deploy_env`, `app.deploy(name=...)` with Modal's output
+        shown, then tag the app with `fingerprint` (`status` reads it back)."""
         import modal
 
         loaded = load_app_file(app_file, deploy_env)
-        with _modal_errors("deploying", target, lookup=False), modal.enable_output():
-            loaded.app.deploy(name=target.app, environment_name=target.environment)
+        with _modal_errors("deploying", target, lookup=False):
+            with modal.enable_output():
+                loaded.app.deploy(name=target.app, environment_name=target.environment)
+            loaded.app.set_tags({**loaded.app.get_tags(), FINGERPRINT_TAG: fingerprint})
 
     @contextlib.contextmanager
     def ephemeral(
@@ -369,8 +492,11 @@ class ModalSDK:
     ) -> Iterator[str]:
         """Run the app as an ephemeral Modal app while the context is open; yields the URL.
 
-        The app stops when the context closes, also on an exception or Ctrl-C.
+        The app stops when the context closes, also on an exception or Ctrl-C. Modal's output
+        (the image build, then the container's logs) is shown while it runs.
         """
+        import modal
+
         loaded = load_app_file(app_file, deploy_env)
         handle = loaded.handle(target)
         # Closed in `finally` with no exception handed in, whatever happened: Modal's run
@@ -378,6 +504,8 @@ class ModalSDK:
         stack = contextlib.ExitStack()
         try:
             with _modal_errors("starting an ephemeral run", target, lookup=False):
+                # Build logs, then the container's logs for as long as the run lasts.
+                stack.enter_context(modal.enable_output())
                 stack.enter_context(loaded.app.run(environment_name=target.environment))
                 url = self._url_of(handle, target)
             self._ephemeral_handles[target] = handle
@@ -412,15 +540,14 @@ class ModalSDK:
 
     def stop_app(self, target: ModalTarget) -> bool:
         """Stop a deployed app: True if stopped, False if no such app is deployed."""
-        import modal
         from modal import exception as mx
 
         with _modal_errors("stopping", target, lookup=False):
             try:
-                handle = modal.App.lookup(target.app, environment_name=target.environment)
+                app = self._app(target)
             except mx.NotFoundError:
                 return False
-            handle.stop()
+            app.stop()
             return True
 
 

@@ -263,8 +263,13 @@ def _modal_values(
     return {
         "modal": target,
         "modal_app": app_file,
-        # The deployed name, the name looked up and the name the app file gives itself agree.
-        "deploy_env": {**platform.deploy_env, "APP_NAME": platform.app},
+        # The deployed name, the name looked up and the name the app file gives itself agree;
+        # a platform that sends proxy credentials deploys an app that demands them.
+        "deploy_env": {
+            **({"PROXY_AUTH": "1"} if platform.proxy_auth else {}),
+            **platform.deploy_env,
+            "APP_NAME": platform.app,
+        },
         "modal_mode": mode,
     }
 

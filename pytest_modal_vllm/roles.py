@@ -13,6 +13,7 @@ own object, so that no hook has to ask "am I a worker? is anything selected?":
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -50,10 +51,15 @@ class Controller:
             from .clients import prewarm_imports
 
             prewarm_imports()
+        # Modal's own output (image builds, an ephemeral app's container logs) reaches the
+        # terminal while platforms start and wake, not pytest's capture.
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        uncaptured = capture.global_and_fixture_disabled() if capture else nullcontext()
         try:
-            runtime.session.start(
-                fail_fast=settings["unavailable"] != "skip", on_progress=progress
-            )
+            with uncaptured:
+                runtime.session.start(
+                    fail_fast=settings["unavailable"] != "skip", on_progress=progress
+                )
         except PlatformError as error:
             runtime.session.close()
             if isinstance(error, ConfigError):
@@ -62,6 +68,7 @@ class Controller:
         finally:
             if progress is not None:
                 progress.finish()
+            _tell(config, runtime.session.notes)
         runtime.ready = runtime.session.ready()
         runtime.unavailable = {name: str(err) for name, err in runtime.session.errors.items()}
 
@@ -148,6 +155,14 @@ class Worker:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Hand this worker's usage counters to the controller."""
         session.config.workeroutput[WORKEROUTPUT_KEY] = self.runtime.meter.snapshot()  # type: ignore[attr-defined]
+
+
+def _tell(config: pytest.Config, notes: list[str]) -> None:
+    """Write the session's notes (`vllm: NAME: ...`) through the terminal reporter."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for note in notes:
+        if reporter is not None:
+            reporter.write_line(f"vllm: {note}")
 
 
 def _progress(config: pytest.Config) -> Any:

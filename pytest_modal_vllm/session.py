@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from .endpoint import Endpoint
-from .errors import PlatformError
+from .errors import DefinitionError, PlatformError, SettingUnreadable
 from .keepalive import AutoscalerKeepAlive, KeepAlive, PingKeepAlive
 from .providers import make_provider
 from .providers.base import Provider
@@ -96,6 +96,8 @@ class EndpointSession:
         """`provider_options` reach the providers that take them (`sdk` for modal ones)."""
         self.runs = [PlatformRun(platform) for platform in platforms]
         self.no_wake = no_wake
+        # Lines for the user: what a provider decided, keep-alive fallbacks ("NAME: ...").
+        self.notes: list[str] = []
         self.provider_options = {"log_dir": log_dir, **provider_options}
         self._closed = False
         self._previous_sigterm: Any = None
@@ -115,10 +117,15 @@ class EndpointSession:
         for run in self.runs:
             try:
                 run.provider = make_provider(run.platform, **self.provider_options)
-                run.wake = WakeRequest.of(run.platform, run.provider.start(), run.provider.failure)
+                provider = run.provider
+                try:
+                    url = provider.start()
+                finally:
+                    self.notes += [f"{run.name}: {note}" for note in provider.notes]
+                run.wake = WakeRequest.of(run.platform, url, provider.failure, provider.wake_note)
             except PlatformError as error:
                 run.error = error.for_platform(run.name)
-                if fail_fast:
+                if fail_fast or isinstance(error, DefinitionError):
                     raise run.error from None
         started = [run for run in self.runs if run.wake is not None]
         if self.no_wake:
@@ -168,16 +175,25 @@ class EndpointSession:
         assert run.endpoint is not None
         mode = run.platform.keep_alive.value
         if mode == "ping":
-            run.keepalive = PingKeepAlive(
-                run.name,
-                run.endpoint.root_url,
-                run.platform.keep_alive_interval,
-                run.endpoint.headers,
-            ).start()
+            self._start_ping(run)
         elif mode == "autoscaler":
             keepalive = AutoscalerKeepAlive(run.provider)  # type: ignore[arg-type]
             run.keepalive = keepalive  # before start(): a failing pin is still undone by close()
-            keepalive.start()
+            try:
+                keepalive.start()
+            except SettingUnreadable as error:
+                self.notes.append(
+                    f"{run.name}: WARNING: keep-alive 'autoscaler' fell back to 'ping': "
+                    f"{error.problem}; {error.fix}"
+                )
+                run.keepalive = None
+                self._start_ping(run)
+
+    def _start_ping(self, run: PlatformRun) -> None:
+        assert run.endpoint is not None
+        run.keepalive = PingKeepAlive(
+            run.name, run.endpoint.root_url, run.platform.keep_alive_interval, run.endpoint.headers
+        ).start()
 
     # ------------------------------------------------------------------ results
 

@@ -83,6 +83,10 @@ class WakeRequest:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # Returns why the endpoint can never come up (a dead server process), or None.
     failure: Callable[[], str | None] = field(default=lambda: None, compare=False)
+    # The first progress line (e.g. "no container running: a cold start is expected").
+    note: str | None = None
+    # The command that shows the server's logs, named when the wake gives up.
+    logs: str | None = None
 
     @classmethod
     def of(
@@ -90,8 +94,14 @@ class WakeRequest:
         platform: ResolvedPlatform,
         base_url: str,
         failure: Callable[[], str | None] | None = None,
+        note: str | None = None,
     ) -> WakeRequest:
         """The wake of a started platform at `base_url`."""
+        target = platform.modal
+        logs = None
+        if target is not None:
+            env = f" --env {target.environment}" if target.environment else ""
+            logs = f"modal app logs {target.app}{env}"
         return cls(
             platform=platform.name,
             base_url=base_url,
@@ -101,6 +111,8 @@ class WakeRequest:
             api_key_env=platform.api_key_env,
             headers=platform.headers,
             failure=failure or (lambda: None),
+            note=note,
+            logs=logs,
         )
 
     @property
@@ -269,7 +281,7 @@ class Waker:
 
     def __init__(self, request: WakeRequest, *, cancel: threading.Event | None = None) -> None:
         self.request = request
-        self.state = WakeState(request.platform, request.timeout)
+        self.state = WakeState(request.platform, request.timeout, last=request.note or "starting")
         self.cancel = cancel or threading.Event()
         self.probes = 0
         self._cold = False
@@ -347,11 +359,12 @@ class Waker:
         if self.cancel.is_set():
             raise UnavailableError("the wake was cancelled", "")
         if time.monotonic() >= deadline:
+            logs = f"; its logs: `{request.logs}`" if request.logs else ""
             raise UnavailableError(
                 f"{request.root_url} did not become ready within {request.timeout:g}s "
                 f"(last answer: {self.state.last})",
                 "raise wake_timeout / --vllm-wake-timeout for slow cold starts, check that the "
-                "endpoint is deployed and healthy, or pass --vllm-unavailable=skip",
+                f"endpoint is deployed and healthy{logs}, or pass --vllm-unavailable=skip",
             )
 
     def _config_error(self, phase: str, status: int | None, outcome: Outcome) -> ConfigError:

@@ -1,23 +1,26 @@
 """A fake Modal adapter for tests: the methods of `ModalSDK`, no cloud.
 
-Use it in-process (`ModalProvider(platform, sdk=FakeModal())`) or in pytest subprocesses
-through the testing seam: `MODAL_VLLM_SDK_ADAPTER=fake_modal:FakeModal` (with `tests/` on
-`PYTHONPATH`). It is driven by environment variables, read on every call, so that a test
-can set them once for the processes it starts:
+Modal's side is played by the emulator (`modal_emulator.ModalEmulator`): this adapter answers
+what Modal's control plane would (containers, backlog, proxy auth, autoscaler settings,
+redeploys) by asking the emulator's `/__modal/` control API, which, like Modal's control plane,
+never wakes a container. What Modal keeps apart from containers (which apps are deployed,
+their tags) lives in a JSON state file. Use it in-process (`ModalProvider(platform,
+sdk=FakeModal())`) or in pytest subprocesses through the testing seam:
+`MODAL_VLLM_SDK_ADAPTER=fake_modal:FakeModal` (with `tests/` on `PYTHONPATH`). It is driven by
+environment variables, read on every call, so that a test can set them once for the processes
+it starts:
 
-- `FAKE_MODAL_URLS`: JSON `{"app/function": "http://127.0.0.1:PORT", ...}`, the endpoints
-  that exist ("app/server" for servers). A name not in it is not deployed: the same
-  `NotDeployedError` as the real adapter.
-- `FAKE_MODAL_DEPLOYED`: optional comma-separated app names that count as deployed at the
-  start; unset means every app in `FAKE_MODAL_URLS` is. `deploy()` adds its app,
-  `stop_app()` removes it (kept in the state file).
-- `FAKE_MODAL_CALLS`: a file that gets one JSON line per call:
-  `{"call": "locate", "app": ..., ...}`; the ephemeral run records `ephemeral_enter` and
-  `ephemeral_exit` (with `"error"`: the exception type name, or null).
-- `FAKE_MODAL_STATE`: a JSON file holding `min_containers` per "app/target" (and the deployed
-  apps), so that pin and restore can be asserted across processes. A `null` value simulates
-  a value that cannot be read (`UnavailableError`).
+- `FAKE_MODAL_URLS`: JSON `{"app/function": "http://127.0.0.1:PORT", ...}`: the emulators
+  that serve each target ("app/server" for servers). A name not in it is not deployed.
+- `FAKE_MODAL_DEPLOYED`: optional comma-separated app names deployed at the start; unset
+  means every app in `FAKE_MODAL_URLS` is. `deploy()` adds its app (and drains the app's
+  emulator, as a rolling redeploy does), `stop_app()` removes it.
+- `FAKE_MODAL_CALLS`: a file that gets one JSON line per call: `{"call": "locate", ...}`;
+  the ephemeral run records `ephemeral_enter` and `ephemeral_exit` (with `"error"`).
+- `FAKE_MODAL_STATE`: the JSON state file (deployed apps, tags).
 - `FAKE_MODAL_FAIL`: comma-separated method names that raise `UnavailableError`.
+- `FAKE_MODAL_RAISE`: `method:ExceptionName` (e.g. `deploy:ImageBuildError`): that method
+  raises that `modal.exception` class, through the real adapter's error mapping.
 - `FAKE_MODAL_NO_AUTH=1`: every method raises the real adapter's missing-credentials error.
 """
 
@@ -29,6 +32,8 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from pytest_modal_vllm.errors import UnavailableError
 from pytest_modal_vllm.modal_sdk import (
@@ -48,7 +53,8 @@ def _env_list(name: str) -> list[str] | None:
 
 
 class FakeModal:
-    """Records every call; answers from `FAKE_MODAL_*` variables and a JSON state file."""
+    """Records every call; answers from `FAKE_MODAL_*` variables, the emulators' control
+    API and a JSON state file."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
@@ -68,27 +74,32 @@ class FakeModal:
             raise auth_error("Token missing. Could not authenticate client (fake)")
         if call in (_env_list("FAKE_MODAL_FAIL") or []):
             raise UnavailableError(f"fake Modal: {call} failed", "try again")
+        method, _, name = os.environ.get("FAKE_MODAL_RAISE", "").partition(":")
+        if method == call:
+            from modal import exception as mx
+
+            from pytest_modal_vllm.modal_sdk import _modal_errors
+
+            error = getattr(mx, name)
+            args = (f"fake Modal: {name}", "im-fake") if name == "ImageBuildError" else ()
+            with _modal_errors(call, ModalTarget("my-app"), lookup=False):
+                raise error(*args) if args else error(f"fake Modal: {name}")
 
     @staticmethod
     def _urls() -> dict[str, str]:
         return dict(json.loads(os.environ.get("FAKE_MODAL_URLS", "{}")))
 
-    @staticmethod
-    def _state_path() -> Path | None:
-        path = os.environ.get("FAKE_MODAL_STATE")
-        return Path(path) if path else None
-
     def _state(self) -> dict[str, Any]:
-        path = self._state_path()
-        if path is None or not path.exists():
+        path = os.environ.get("FAKE_MODAL_STATE")
+        if not path or not Path(path).exists():
             return {}
-        return dict(json.loads(path.read_text(encoding="utf-8") or "{}"))
+        return dict(json.loads(Path(path).read_text(encoding="utf-8") or "{}"))
 
     def _save(self, state: Mapping[str, Any]) -> None:
-        path = self._state_path()
-        if path is None:
+        path = os.environ.get("FAKE_MODAL_STATE")
+        if not path:
             return
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = Path(path + ".tmp")
         tmp.write_text(json.dumps(state, sort_keys=True), encoding="utf-8")
         tmp.replace(path)  # atomic: another process never reads half a file
 
@@ -106,11 +117,24 @@ class FakeModal:
         state["deployed"] = sorted(apps)
         self._save(state)
 
-    def _url(self, target: ModalTarget) -> str:
+    def _emulator(self, target: ModalTarget) -> str | None:
         url = self._urls().get(f"{target.app}/{target.name}")
+        return url.rstrip("/") if url else None
+
+    def _url(self, target: ModalTarget) -> str:
+        url = self._emulator(target)
         if url is None or target.app not in self._deployed():
             raise not_deployed_error(target, "fake Modal: no such deployed app")
-        return url.rstrip("/")
+        return url
+
+    def _control(self, target: ModalTarget, method: str, path: str, body: Any = None) -> Any:
+        """A call to the emulator's control plane (`/__modal/PATH`); it wakes nothing."""
+        answer = httpx.request(
+            method, f"{self._url(target)}/__modal/{path}", json=body, timeout=10.0
+        )
+        if answer.status_code != 200:
+            raise UnavailableError(f"fake Modal: {path} answered {answer.status_code}", "")
+        return answer.json()
 
     @staticmethod
     def _fields(target: ModalTarget) -> dict[str, Any]:
@@ -130,16 +154,31 @@ class FakeModal:
         return self._url(target)
 
     def status(self, target: ModalTarget) -> ModalStatus:
-        """Deployed or not, and the URL."""
+        """Deployed or not, URL, and the control plane's view; wakes nothing."""
         self._record("status", **self._fields(target))
         self._check("status")
         try:
-            return ModalStatus(deployed=True, url=self._url(target))
+            url = self._url(target)
         except NotDeployedError as error:
             return ModalStatus(deployed=False, url=None, detail=error.problem)
+        stats = self._control(target, "GET", "stats")
+        return ModalStatus(
+            deployed=True,
+            url=url,
+            containers=stats["num_total_runners"],
+            backlog=stats["backlog"],
+            proxy_auth=stats["requires_proxy_auth"],
+            fingerprint=self._state().get("tags", {}).get(target.app),
+        )
 
-    def deploy(self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget) -> None:
-        """Record the deploy and mark the app deployed."""
+    def deploy(
+        self,
+        app_file: Path,
+        deploy_env: Mapping[str, str],
+        target: ModalTarget,
+        fingerprint: str,
+    ) -> None:
+        """Record the deploy, mark the app deployed and tagged; drain its emulator."""
         self._record(
             "deploy",
             app_file=str(app_file),
@@ -149,12 +188,20 @@ class FakeModal:
         )
         self._check("deploy")
         self._set_deployed(self._deployed() | {target.app})
+        state = self._state()
+        state.setdefault("tags", {})[target.app] = fingerprint
+        self._save(state)
+        if self._emulator(target) is not None:
+            self._control(target, "POST", "redeploy")
 
     @contextlib.contextmanager
     def ephemeral(
         self, app_file: Path, deploy_env: Mapping[str, str], target: ModalTarget
     ) -> Iterator[str]:
-        """Yield the URL of `APP_NAME/target` from `FAKE_MODAL_URLS`; record enter and exit."""
+        """Yield the URL of `APP_NAME/target` from `FAKE_MODAL_URLS`; record enter and exit.
+
+        Prints a line as Modal's output would (the plugin must let it reach the terminal).
+        """
         fields = {
             "app_file": str(app_file),
             "deploy_env": dict(deploy_env),
@@ -164,12 +211,13 @@ class FakeModal:
         }
         self._record("ephemeral_enter", **fields)
         self._check("ephemeral")
-        url = self._urls().get(f"{target.app}/{target.name}")
+        print(f"fake Modal: building the image of {target.app} (ephemeral run)", flush=True)
+        url = self._emulator(target)
         if url is None:
             raise not_deployed_error(target, "fake Modal: no URL")
         error: BaseException | None = None
         try:
-            yield url.rstrip("/")
+            yield url
         except BaseException as raised:
             error = raised
             raise
@@ -177,23 +225,16 @@ class FakeModal:
             self._record("ephemeral_exit", error=type(error).__name__ if error else None, **fields)
 
     def get_min_containers(self, target: ModalTarget) -> int:
-        """The stored value (0 if none); a stored `null` cannot be read."""
-        key = f"{target.app}/{target.name}"
+        """The emulator's effective `min_containers`; `UnavailableError` when unreadable."""
         self._record("get_min_containers", **self._fields(target))
         self._check("get_min_containers")
-        values = self._state().get("min_containers", {})
-        if key in values and values[key] is None:
-            raise UnavailableError(f"fake Modal: cannot read min_containers of {key}", "")
-        return int(values.get(key, 0))
+        return int(self._control(target, "GET", "autoscaler")["min_containers"])
 
     def update_autoscaler(self, target: ModalTarget, min_containers: int) -> None:
-        """Store the new value."""
-        key = f"{target.app}/{target.name}"
+        """Override the emulator's `min_containers`."""
         self._record("update_autoscaler", **self._fields(target), min_containers=min_containers)
         self._check("update_autoscaler")
-        state = self._state()
-        state.setdefault("min_containers", {})[key] = min_containers
-        self._save(state)
+        self._control(target, "POST", "autoscaler", {"min_containers": min_containers})
 
     def stop_app(self, target: ModalTarget) -> bool:
         """Remove the app from the deployed ones; False if it was not deployed."""

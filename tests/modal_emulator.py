@@ -229,15 +229,17 @@ class ModalEmulator(StubServer):
         self._listener.close()
         self._listener.cut(socket.SHUT_RDWR)
 
-    def current_stats(self) -> dict[str, int]:
+    def current_stats(self) -> dict[str, Any]:
         """Like Modal's `get_current_stats()`: containers up (booting or ready), requests waiting
-        for a container, requests being served."""
+        for a container, requests being served; and, as `Function.info().web_info` tells,
+        whether the proxy demands credentials."""
         with self._cond:
             up = int(self._state in (BOOTING, READY))
             return {
                 "num_total_runners": up,
                 "backlog": self._held,
                 "num_running_inputs": self._inflight,
+                "requires_proxy_auth": self.behaviour.proxy_auth is not None,
             }
 
     def autoscaler(self) -> dict[str, Any]:

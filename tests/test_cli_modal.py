@@ -47,16 +47,35 @@ def test_deploy_status_wake_stop(tmp_path, endpoint_server):
     deploy = run_cli(tmp_path, "deploy", "mine", env=env)
     assert deploy.returncode == 0, deploy.stderr
     assert "deployed app 'my-app'" in deploy.stdout
+    again = run_cli(tmp_path, "deploy", "mine", env=env)
+    assert "already deployed with these settings: not redeployed" in again.stdout
+    assert "--force" in again.stdout
+
+    # Deployed and cold: status reads Modal's control plane only, and causes no cold start.
+    boots = server.stats.cold_starts
+    status = run_cli(tmp_path, "status", "mine", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "containers: 0 running, 0 queued" in status.stdout
+    assert "answers /health now: not asked" in status.stdout
+    assert "WARNING: proxy auth is off" in status.stdout
+    assert "deployed with: the platform's settings" in status.stdout
+    assert server.stats.cold_starts == boots
+    assert server.stats.requests == {}
 
     wake = run_cli(tmp_path, "wake", "mine", "--timeout", "20", env=env)
     assert wake.returncode == 0, wake.stderr
     assert f"mine -> {server.base_url} model=stub woke in" in wake.stdout
     assert "(cold)" in wake.stdout
+    assert "no container running: a cold start is expected" in wake.stderr
 
     status = run_cli(tmp_path, "status", "mine", env=env)
     assert "deployed: yes" in status.stdout
     assert f"url: {server.base_url}" in status.stdout
+    assert "containers: 1 running" in status.stdout
     assert "answers /health now: yes" in status.stdout
+
+    forced = run_cli(tmp_path, "deploy", "mine", "--force", env=env)
+    assert "deployed app 'my-app'" in forced.stdout
 
     stop = run_cli(tmp_path, "stop", "mine", env=env)
     assert stop.returncode == 0 and "stopped app 'my-app'" in stop.stdout
@@ -65,7 +84,7 @@ def test_deploy_status_wake_stop(tmp_path, endpoint_server):
 
     entries = [json.loads(line) for line in calls.read_text().splitlines()]
     recorded = [entry["call"] for entry in entries]
-    assert "deploy" in recorded
+    assert recorded.count("deploy") == 2  # the first and the forced one
     deploy_call = entries[recorded.index("deploy")]
     assert deploy_call["app_name"] == "my-app"
     assert deploy_call["deploy_env"]["MODEL_NAME"] == "Org/M"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PROXY_KEY, PROXY_SECRET
-from fake_modal import read_calls, read_state
+from fake_modal import read_calls
 
 from pytest_modal_vllm.keepalive import AutoscalerKeepAlive, PingKeepAlive
 from pytest_modal_vllm.platforms import Platform
@@ -253,10 +253,9 @@ def test_session_pins_through_the_modal_provider_and_close_restores_after_a_fail
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    """The real chain: EndpointSession -> ModalProvider -> the fake Modal adapter's state."""
+    """The real chain: EndpointSession -> ModalProvider -> the fake adapter -> the emulator."""
     server = endpoint_server()
     state = tmp_path / "state.json"
-    state.write_text(json.dumps({"min_containers": {"my-app/serve": 0}}))
     monkeypatch.setenv("MODAL_VLLM_SDK_ADAPTER", "fake_modal:FakeModal")
     monkeypatch.setenv("FAKE_MODAL_URLS", json.dumps({"my-app/serve": server.root_url}))
     monkeypatch.setenv("FAKE_MODAL_STATE", str(state))
@@ -268,7 +267,7 @@ def test_session_pins_through_the_modal_provider_and_close_restores_after_a_fail
     session = EndpointSession(resolve_platforms([modal_platform("m")], settings))
     try:
         session.start(fail_fast=True)
-        assert read_state(state)["min_containers"]["my-app/serve"] == 1
+        assert server.autoscaler()["min_containers"] == 1
         assert session.keep_alive_pings() == {"m": 0}
         (run,) = session.runs
 
@@ -278,7 +277,7 @@ def test_session_pins_through_the_modal_provider_and_close_restores_after_a_fail
         monkeypatch.setattr(run.provider, "stop", broken_stop)
     finally:
         problems = session.close()
-    assert read_state(state)["min_containers"]["my-app/serve"] == 0
+    assert server.autoscaler()["min_containers"] == 0
     assert problems == ["m: stopping its provider failed: provider stop failed"]
     updates = [
         c["min_containers"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, assert_no_secrets
-from fake_modal import read_calls, read_state
+from fake_modal import read_calls
 from modal_emulator import ModalEmulator
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -56,11 +56,6 @@ class FakeModalFiles:
         if deployed is not None:
             self.monkeypatch.setenv("FAKE_MODAL_DEPLOYED", deployed)
 
-    def set_min_containers(self, value: int, target: str = f"{APP}/serve") -> None:
-        self.state_path.write_text(json.dumps({"min_containers": {target: value}}))
-
-    def min_containers(self, target: str = f"{APP}/serve") -> Any:
-        return read_state(self.state_path)["min_containers"][target]
 
     def calls(self) -> list[dict[str, Any]]:
         return read_calls(self.calls_path)
@@ -146,7 +141,7 @@ def test_locate_wake_and_run_tests(llm_suite, emulator, write_platforms, fake_mo
         ]
     )
     assert fake_modal.calls() == [
-        {"call": "locate", "app": APP, "function": "web", "server": None, "environment": "staging"}
+        {"call": "status", "app": APP, "function": "web", "server": None, "environment": "staging"}
     ]
     assert boots(server) == 1
     assert server.stats.chat_requests == 2
@@ -165,7 +160,7 @@ def test_not_deployed_exits_4_with_the_deploy_hint(llm_suite, write_platforms, f
     assert "modal-vllm deploy mod" in text
     assert "--vllm-deploy" in text
     assert "Traceback" not in text
-    assert fake_modal.names() == ["locate"]
+    assert fake_modal.names() == ["status"]
 
 
 def test_missing_modal_credentials_exit_4_saying_how_to_authenticate(
@@ -189,15 +184,11 @@ def test_missing_modal_credentials_exit_4_saying_how_to_authenticate(
 # ---------------------------------------------------------------------- autoscaler keep-alive
 
 AUTOSCALER_SUITE = """
-import json
-import os
-
-def min_containers():
-    with open(os.environ["FAKE_MODAL_STATE"], encoding="utf-8") as handle:
-        return json.load(handle)["min_containers"]["my-app/serve"]
+import httpx
 
 def test_pinned_while_the_session_runs(vllm_endpoint):
-    assert min_containers() == 1
+    settings = httpx.get(vllm_endpoint.root_url + "/__modal/autoscaler").json()
+    assert settings["min_containers"] == 1
 """
 
 
@@ -214,7 +205,6 @@ def test_autoscaler_pins_one_container_and_restores_the_previous_value(
 ):
     server = emulator()
     fake_modal.urls({f"{APP}/serve": server.root_url})
-    fake_modal.set_min_containers(0)
     extra = {"keep_alive": "autoscaler"} if selected_by == "platform" else {}
     write_platforms({"mod": modal_platform(**extra)})
     tail = {
@@ -231,7 +221,7 @@ def test_autoscaler_pins_one_container_and_restores_the_previous_value(
     result.stdout.fnmatch_lines(["*test_pin.py .*"])  # the pinned test passed
     source = "command line" if selected_by == "option" else "platform mod"
     result.stdout.fnmatch_lines([f"vllm: mod *keep_alive=autoscaler ({source})*"])
-    assert fake_modal.min_containers() == 0
+    assert server.autoscaler()["min_containers"] == 0
     updates = [c["min_containers"] for c in fake_modal.calls() if c["call"] == "update_autoscaler"]
     assert updates == [1, 0]
     assert server.stats.health_requests <= 2  # no pings besides the wake's probe
@@ -245,7 +235,6 @@ def test_autoscaler_is_restored_after_a_signal(
     """Ctrl-C (and SIGTERM, turned into KeyboardInterrupt while platforms run) mid-test."""
     server = emulator()
     fake_modal.urls({f"{APP}/serve": server.root_url})
-    fake_modal.set_min_containers(0)
     write_platforms({"mod": modal_platform(keep_alive="autoscaler")})
     marker = pytester.path / "test-is-running"
     pytester.makepyfile(
@@ -269,7 +258,7 @@ def test_autoscaler_is_restored_after_a_signal(
         while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert marker.exists(), process.communicate(timeout=10)
-        assert fake_modal.min_containers() == 1
+        assert server.autoscaler()["min_containers"] == 1
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
     finally:
@@ -279,7 +268,7 @@ def test_autoscaler_is_restored_after_a_signal(
     assert process.returncode == 2, (stdout, stderr)
     assert b"KeyboardInterrupt" in stdout + stderr
     assert b"INTERNALERROR" not in stdout + stderr
-    assert fake_modal.min_containers() == 0
+    assert server.autoscaler()["min_containers"] == 0
     updates = [c["min_containers"] for c in fake_modal.calls() if c["call"] == "update_autoscaler"]
     assert updates == [1, 0]
 
@@ -431,14 +420,15 @@ def test_deploy_runs_before_locate_with_the_platform_settings(
     result = run(pytester, "--vllm-platform=mod", "--vllm-deploy")
 
     result.assert_outcomes(passed=1)
-    deploy, locate = fake_modal.calls()
+    status, deploy, located = fake_modal.calls()
+    assert status["call"] == "status"  # deployed already, with these settings?
     assert deploy["call"] == "deploy"
     assert deploy["app_name"] == APP
     assert deploy["environment"] == "dev"
     assert deploy["deploy_env"] == {**deploy_env, "APP_NAME": APP}
     assert deploy["app_file"].endswith("vllm_server.py")  # the bundled app by default
-    assert locate == {
-        "call": "locate",
+    assert located == {
+        "call": "status",
         "app": APP,
         "function": "serve",
         "server": None,
@@ -480,3 +470,104 @@ def test_ephemeral_app_lives_exactly_as_long_as_the_session(
     assert exit_["call"] == "ephemeral_exit"
     assert exit_["error"] is None
     result.stdout.fnmatch_lines([f"vllm: mod -> {server.base_url} *"])
+
+
+# ---------------------------------------------------------------------- a real workspace's money
+
+
+def test_a_container_that_exits_at_start_up_names_the_logs_command(
+    llm_suite, emulator, write_platforms, fake_modal
+):
+    """The app fails fast (every boot exits); the paragraph names where the reason is."""
+    server = emulator(cold_start=0.2, cold_style="hold", startup_exit="vLLM exited with code 2")
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    write_platforms({"mod": modal_platform(environment="dev", wake_timeout=3)})
+
+    result = run(llm_suite, "--vllm-platform=mod")
+
+    assert result.ret == 75, output(result)
+    text = output(result)
+    assert "did not become ready within 3s (last answer: 500 Internal Server Error)" in text
+    assert "its logs: `modal app logs my-app --env dev`" in text
+    assert server.stats.snapshot()["failed_boots"] >= 1
+
+
+def test_a_build_error_is_a_configuration_error_even_with_unavailable_skip(
+    llm_suite, emulator, write_platforms, fake_modal, monkeypatch
+):
+    """A typo in VLLM_VERSION must stop the run, not skip the whole suite as "unavailable"."""
+    server = emulator()
+    fake_modal.urls({f"{APP}/serve": server.root_url}, deployed="")
+    monkeypatch.setenv("FAKE_MODAL_RAISE", "deploy:ImageBuildError")
+    write_platforms({"mod": modal_platform(deploy_env={"VLLM_VERSION": "0.99.nope"})})
+
+    result = run(llm_suite, "--vllm-platform=mod", "--vllm-deploy", "--vllm-unavailable=skip")
+
+    assert result.ret == 4, output(result)
+    text = output(result)
+    assert "failed to build" in text and "build output" in text
+    assert "skipped" not in text  # the session stopped: nothing was skipped
+
+
+def test_a_second_deploy_with_unchanged_settings_deploys_nothing_and_stays_warm(
+    llm_suite, emulator, write_platforms, fake_modal
+):
+    server = emulator(cold_start=0.5, cold_style="hold", scaledown_window=60)
+    fake_modal.urls({f"{APP}/serve": server.root_url}, deployed="")
+    write_platforms({"mod": modal_platform(deploy_env={"MODEL_NAME": "Org/M"})})
+
+    first = run(llm_suite, "--vllm-platform=mod", "--vllm-deploy")
+    first.assert_outcomes(passed=2)
+    first.stdout.fnmatch_lines(["vllm: mod: deployed app 'my-app'"])
+    boots_after_first = server.stats.cold_starts
+
+    second = run(llm_suite, "--vllm-platform=mod", "--vllm-deploy")
+
+    second.assert_outcomes(passed=2)
+    second.stdout.fnmatch_lines(
+        [
+            "vllm: mod: app 'my-app' is already deployed with these settings: not redeployed*",
+            "vllm: mod -> * woke in *s (warm)",
+        ]
+    )
+    assert fake_modal.names().count("deploy") == 1
+    assert server.stats.snapshot()["deploys"] == 1
+    assert server.stats.cold_starts == boots_after_first  # no cold start for the second run
+
+
+def test_ephemeral_runs_show_modals_output(pytester, emulator, write_platforms, fake_modal):
+    server = emulator()
+    fake_modal.urls({f"{APP}/serve": server.root_url}, deployed="")
+    write_platforms({"mod": modal_platform()})
+    pytester.makepyfile(test_eph=ENDPOINT_TEST)
+
+    result = run(pytester, "--vllm-platform=mod", "--vllm-ephemeral")
+
+    result.assert_outcomes(passed=1)
+    # What Modal prints while the app starts (the fake prints a line as Modal's output would)
+    # reaches the terminal, not pytest's capture.
+    result.stdout.fnmatch_lines(["fake Modal: building the image of my-app (ephemeral run)"])
+
+
+def test_an_unreadable_min_containers_is_never_written_and_pings_keep_it_warm(
+    pytester, emulator, write_platforms, fake_modal
+):
+    server = emulator(min_containers=2, autoscaler_unreadable=True)
+    fake_modal.urls({f"{APP}/serve": server.root_url})
+    write_platforms({"mod": modal_platform(keep_alive="autoscaler", keep_alive_interval=0.2)})
+    pytester.makepyfile(
+        test_pings="import time\n\ndef test_idle(vllm_endpoint):\n    time.sleep(1.0)\n"
+    )
+
+    result = run(pytester, "--vllm-platform=mod")
+
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "vllm: mod: WARNING: keep-alive 'autoscaler' fell back to 'ping': its autoscaler's "
+            "min_containers could not be read*nothing was pinned*"
+        ]
+    )
+    assert "update_autoscaler" not in fake_modal.names()
+    assert server.autoscaler()["min_containers"] == 2  # not "restored" to a guessed 0
+    assert int(usage_row(result, "mod")[-1]) >= 2  # the ping keep-alive ran instead

@@ -23,6 +23,7 @@ from pytest_modal_vllm import modal_sdk
 from pytest_modal_vllm.errors import ConfigError, UnavailableError
 from pytest_modal_vllm.modal_sdk import (
     ADAPTER_ENV,
+    FINGERPRINT_TAG,
     ModalSDK,
     ModalTarget,
     NotDeployedError,
@@ -152,7 +153,7 @@ calls = {
     "get_min_containers": lambda: sdk.get_min_containers(ModalTarget("some-app")),
     "update_autoscaler": lambda: sdk.update_autoscaler(ModalTarget("some-app"), 1),
     "stop_app": lambda: sdk.stop_app(ModalTarget("some-app")),
-    "deploy": lambda: sdk.deploy(bundled_app_file(), {}, ModalTarget("some-app")),
+    "deploy": lambda: sdk.deploy(bundled_app_file(), {}, ModalTarget("some-app"), "fp"),
     "ephemeral": lambda: sdk.ephemeral(bundled_app_file(), {}, ModalTarget("some-app")).__enter__(),
 }
 results = {}
@@ -217,6 +218,40 @@ def test_modal_errors_become_the_plugins_errors() -> None:
         _raise(mx.ServiceError("unavailable"))
     with pytest.raises(KeyError):  # not Modal's: passes through untouched
         _raise(KeyError("x"))
+
+
+@pytest.mark.parametrize(
+    ("make", "exit_code", "fragments"),
+    [
+        # A typo in VLLM_VERSION: a configuration error that points at the build output, not
+        # "try again" (which --vllm-unavailable=skip would turn into a silently skipped suite).
+        (
+            lambda mx: mx.ImageBuildError("Image build for im-1 failed", "im-1"),
+            4,
+            ["failed to build", "build output", "VLLM_VERSION"],
+        ),
+        # Not "no valid Modal credentials": the token is valid, it lacks a permission.
+        (
+            lambda mx: mx.PermissionDeniedError("not allowed to deploy in environment main"),
+            4,
+            ["denied the permission for looking up", "not allowed to deploy", "token"],
+        ),
+        (lambda mx: mx.RemoteError("boom in the app"), 4, ["RemoteError", "boom in the app"]),
+        (lambda mx: mx.ConnectionError("reset"), 75, ["try again"]),
+        (lambda mx: mx.InternalError("oops"), 75, ["try again"]),
+        (lambda mx: mx.FunctionTimeoutError("slow"), 75, ["try again"]),
+    ],
+    ids=["build", "permission", "remote", "connection", "internal", "timeout"],
+)
+def test_modal_errors_are_mapped_by_meaning(make: Any, exit_code: int, fragments: list) -> None:
+    from modal import exception as mx
+
+    with pytest.raises((ConfigError, UnavailableError)) as caught:
+        _raise(make(mx))
+    assert caught.value.exit_code == exit_code
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+    assert "no valid Modal credentials" not in str(caught.value)
 
 
 # ---------------------------------------------------------------- importing app files
@@ -284,7 +319,7 @@ def test_bad_deploy_env_for_the_bundled_app_is_a_config_error() -> None:
         load_app_file(bundled_app_file(), {"FAST_BOOT": "maybe"})
     # Rejected while importing, before any Modal call: deploy says the same.
     with pytest.raises(ConfigError, match="FAST_BOOT"):
-        ModalSDK().deploy(bundled_app_file(), {"FAST_BOOT": "maybe"}, ModalTarget("x"))
+        ModalSDK().deploy(bundled_app_file(), {"FAST_BOOT": "maybe"}, ModalTarget("x"), "fp")
 
 
 # ---------------------------------------------------------------- the wiring, SDK stubbed
@@ -294,19 +329,25 @@ def test_bad_deploy_env_for_the_bundled_app_is_a_config_error() -> None:
 
 @pytest.fixture
 def stubbed_sdk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Modal's network calls replaced by recorders; each records whether Modal's output (the
+    build log, container logs) was switched on while it ran."""
     import contextlib
 
     import modal
+    from modal._output.manager import OutputManager
 
     events: list[tuple[str, Any]] = []
 
+    def output_on() -> bool:
+        return bool(OutputManager.get().is_enabled)
+
     def deploy(self: Any, *, name: str, environment_name: str | None) -> Any:
-        events.append(("deploy", (self.name, name, environment_name)))
+        events.append(("deploy", (self.name, name, environment_name, output_on())))
         return self
 
     @contextlib.contextmanager
     def run(self: Any, *, environment_name: str | None = None) -> Any:
-        events.append(("run_enter", (self.name, environment_name)))
+        events.append(("run_enter", (self.name, environment_name, output_on())))
         try:
             yield self
         except KeyboardInterrupt:
@@ -317,17 +358,22 @@ def stubbed_sdk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
 
     monkeypatch.setattr(modal.App, "deploy", deploy)
     monkeypatch.setattr(modal.App, "run", run)
+    monkeypatch.setattr(modal.App, "get_tags", lambda self: {"team": "ml"})
+    monkeypatch.setattr(modal.App, "set_tags", lambda self, tags: events.append(("tags", tags)))
     monkeypatch.setattr(modal.Function, "get_web_url", lambda self: "https://w--app.modal.run/")
     return events
 
 
-def test_deploy_imports_with_deploy_env_and_deploys_by_name(
+def test_deploy_imports_with_deploy_env_deploys_by_name_with_output_and_tags(
     stubbed_sdk: list[tuple[str, Any]],
 ) -> None:
-    ModalSDK().deploy(
-        bundled_app_file(), {"APP_NAME": "from-env"}, ModalTarget("my-app", environment="dev")
-    )
-    assert stubbed_sdk == [("deploy", ("from-env", "my-app", "dev"))]
+    target = ModalTarget("my-app", environment="dev")
+    ModalSDK().deploy(bundled_app_file(), {"APP_NAME": "from-env"}, target, "f" * 32)
+    assert stubbed_sdk == [
+        ("deploy", ("from-env", "my-app", "dev", True)),
+        # The fingerprint joins the app's tags (the others are kept).
+        ("tags", {"team": "ml", FINGERPRINT_TAG: "f" * 32}),
+    ]
 
 
 def test_ephemeral_yields_the_local_url_and_stops(stubbed_sdk: list[tuple[str, Any]]) -> None:
@@ -337,7 +383,8 @@ def test_ephemeral_yields_the_local_url_and_stops(stubbed_sdk: list[tuple[str, A
         assert url == "https://w--app.modal.run"
         # Autoscaler calls for this app use the local handle: it cannot be looked up by name.
         assert target in sdk._ephemeral_handles
-    assert stubbed_sdk == [("run_enter", ("eph", "dev")), ("run_exit", None)]
+    # Modal's output is on for the whole run: the build, then the container's logs.
+    assert stubbed_sdk == [("run_enter", ("eph", "dev", True)), ("run_exit", None)]
     assert sdk._ephemeral_handles == {}
 
 
@@ -348,7 +395,7 @@ def test_ephemeral_lets_ctrl_c_through(stubbed_sdk: list[tuple[str, Any]]) -> No
     ):
         raise KeyboardInterrupt
     # The run was closed normally (stopping the app), and Ctrl-C was not swallowed.
-    assert stubbed_sdk == [("run_enter", ("eph", None)), ("run_exit", None)]
+    assert stubbed_sdk == [("run_enter", ("eph", None, True)), ("run_exit", None)]
 
 
 def test_ephemeral_with_an_unknown_function_fails_before_running(

@@ -316,7 +316,12 @@ def ask_in_thread(server: ModalEmulator, outcomes: list[httpx.Response]) -> thre
 
 def test_control_stats_count_runners_backlog_and_inputs(endpoint_server: Emulators) -> None:
     server = endpoint_server(cold_start=60, cold_style="hold", response_delay=60)
-    assert modal_stats(server) == {"num_total_runners": 1, "backlog": 0, "num_running_inputs": 0}
+    assert modal_stats(server) == {
+        "num_total_runners": 1,
+        "backlog": 0,
+        "num_running_inputs": 0,
+        "requires_proxy_auth": False,
+    }
     outcomes: list[httpx.Response] = []
     workers = [ask_in_thread(server, outcomes) for _ in range(2)]
     wait_for(lambda: modal_stats(server)["backlog"] == 2)
@@ -324,7 +329,13 @@ def test_control_stats_count_runners_backlog_and_inputs(endpoint_server: Emulato
     server.make_ready()  # both are answered now, slowly (response_delay)
     wait_for(
         lambda: (
-            modal_stats(server) == {"num_total_runners": 1, "backlog": 0, "num_running_inputs": 2}
+            modal_stats(server)
+            == {
+                "num_total_runners": 1,
+                "backlog": 0,
+                "num_running_inputs": 2,
+                "requires_proxy_auth": False,
+            }
         )
     )
     server.stop()

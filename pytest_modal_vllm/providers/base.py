@@ -20,6 +20,11 @@ class Provider(Protocol):
     """Start, watch, describe and stop the endpoint of one platform."""
 
     platform: ResolvedPlatform
+    # Set by `start()` when the provider knows whether a cold start is coming: the wake's
+    # first progress line (the modal provider asks Modal whether a container runs).
+    wake_note: str | None
+    # Lines `start()` wants the user to read (e.g. that a deploy was skipped, and why).
+    notes: list[str]
 
     def start(self) -> str:
         """Deploy, start or locate the endpoint; its base URL (ending in `/v1`).

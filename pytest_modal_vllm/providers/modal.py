@@ -6,17 +6,29 @@ that lives until `stop()`. URLs always come from the SDK, never built by hand. T
 its settings (`deploy_env`, with `APP_NAME` = the platform's app) and the target come from
 the resolution.
 
-`pin()`/`unpin()` implement the `autoscaler` keep-alive: `min_containers=1` while the session
-runs, then the value read before pinning (0 when it could not be read).
+`--vllm-deploy` deploys only when needed: the deployed app carries a fingerprint of the app
+file and its settings (an app tag); when it matches, the deploy is skipped (a redeploy would
+drain the warm containers and wipe autoscaler overrides). `pin()`/`unpin()` implement the
+`autoscaler` keep-alive: `min_containers=1` while the session runs, then the value read before
+pinning; when it cannot be read, nothing is pinned (`SettingUnreadable`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
-from ..errors import PlatformError, UnavailableError
-from ..modal_sdk import ModalBackend, ModalTarget, NotDeployedError, deploy_fix, load_sdk
+from ..errors import PlatformError, SettingUnreadable, UnavailableError
+from ..modal_sdk import (
+    ModalBackend,
+    ModalStatus,
+    ModalTarget,
+    NotDeployedError,
+    deploy_fix,
+    fingerprint,
+    load_sdk,
+)
 from ..probe import root_of
 from ..resolution import ResolvedPlatform
 from . import health_line
@@ -37,6 +49,10 @@ class ModalProvider:
         self._ephemeral_open = False
         # The min_containers to restore at unpin; None while not pinned.
         self._restore_min: int | None = None
+        # For the wake's first progress line: whether a container already runs.
+        self.wake_note: str | None = None
+        # What `start()` did about the deploy ("deployed", or why not), for the user.
+        self.notes: list[str] = []
 
     @property
     def sdk(self) -> ModalBackend:
@@ -72,28 +88,49 @@ class ModalProvider:
                     self.sdk.ephemeral(platform.modal_app, platform.deploy_env, self.target)
                 )
                 self._ephemeral_open = True
-            else:
-                if platform.modal_mode == "deploy":
-                    self.sdk.deploy(platform.modal_app, platform.deploy_env, self.target)
-                url = self.sdk.locate(self.target)
-        return url.rstrip("/") + "/v1"
+                self.wake_note = "ephemeral app: a cold start is expected"
+                return url.rstrip("/") + "/v1"
+            found = self.sdk.status(self.target)
+            if platform.modal_mode == "deploy":
+                found = self.deploy(current=found)
+            if not found.deployed or found.url is None:
+                raise NotDeployedError(found.detail, deploy_fix(platform.name))
+        self.wake_note = _containers_note(found)
+        return found.url.rstrip("/") + "/v1"
 
     def failure(self) -> str | None:
         """Always None: a Modal endpoint that scaled to zero can come back."""
         return None
 
     def status(self) -> list[str]:
-        """Deployed or not, and the URL; wakes nothing."""
+        """Deployed or not, URL, containers, proxy auth, settings; wakes nothing.
+
+        `/health` is asked only when a container is already up: for a web endpoint any
+        request is demand, and asking a scaled-to-zero app would start (and bill) one.
+        """
         with self._attributed():
             found = self.sdk.status(self.target)
         if not found.deployed:
             return ["deployed: no", f"deploy it with: modal-vllm deploy {self.platform.name}"]
         assert found.url is not None
-        return [
-            "deployed: yes",
-            f"url: {found.url}/v1",
-            health_line(root_of(found.url), dict(self.platform.headers)),
-        ]
+        lines = ["deployed: yes", f"url: {found.url}/v1"]
+        if found.containers is not None:
+            queued = "" if found.backlog is None else f", {found.backlog} queued"
+            lines.append(f"containers: {found.containers} running{queued}")
+        if found.containers:
+            lines.append(health_line(root_of(found.url), dict(self.platform.headers)))
+        else:
+            lines.append("answers /health now: not asked (no container is up; asking starts one)")
+        wanted = fingerprint(self.platform.modal_app or Path(), self.platform.deploy_env)
+        if found.fingerprint is not None:
+            same = "the platform's settings" if found.fingerprint == wanted else "other settings"
+            lines.append(f"deployed with: {same} (fingerprint {found.fingerprint[:12]})")
+        if found.proxy_auth is False:
+            lines.append(
+                "WARNING: proxy auth is off: anyone who knows the URL can start (and bill) a "
+                "container; set proxy_auth = true on the platform and redeploy"
+            )
+        return lines
 
     def stop(self) -> None:
         """Stop the ephemeral app if one runs; safe to call twice and after a failed start."""
@@ -103,12 +140,23 @@ class ModalProvider:
 
     # -- what the `modal-vllm` command needs
 
-    def deploy(self) -> str | None:
-        """Deploy the platform's app (Modal's output shown); returns its URL (without `/v1`)."""
-        assert self.platform.modal_app is not None
+    def deploy(self, *, force: bool = False, current: ModalStatus | None = None) -> ModalStatus:
+        """Deploy the platform's app unless it is deployed with the same settings already
+        (`force` deploys anyway); the app's status afterwards. `notes` say which."""
+        platform = self.platform
+        assert platform.modal_app is not None
+        wanted = fingerprint(platform.modal_app, platform.deploy_env)
         with self._attributed():
-            self.sdk.deploy(self.platform.modal_app, self.platform.deploy_env, self.target)
-            return self.sdk.locate(self.target)
+            found = current or self.sdk.status(self.target)
+            if found.deployed and found.fingerprint == wanted and not force:
+                self.notes.append(
+                    f"app {self.target.app!r} is already deployed with these settings: not "
+                    f"redeployed (`modal-vllm deploy {platform.name} --force` redeploys)"
+                )
+                return found
+            self.sdk.deploy(platform.modal_app, platform.deploy_env, self.target, wanted)
+            self.notes.append(f"deployed app {self.target.app!r}")
+            return self.sdk.status(self.target)
 
     def stop_app(self) -> bool:
         """Stop the deployed app: True if stopped, False if it was not deployed."""
@@ -120,16 +168,19 @@ class ModalProvider:
     def pin(self) -> None:
         """Keep one container up: read `min_containers`, then set it to 1 (if it is below 1).
 
-        A value that cannot be read (an API error other than a configuration error) counts
-        as 0, so that unpin sets 0 back.
+        A value that cannot be read is never guessed (a guess of 0 would later "restore" 0
+        over a real 2): nothing is written and `SettingUnreadable` says why.
         """
         if self._restore_min is not None:
             return
         with self._attributed():
             try:
                 previous = self.sdk.get_min_containers(self.target)
-            except UnavailableError:
-                previous = 0
+            except UnavailableError as error:
+                raise SettingUnreadable(
+                    f"its autoscaler's min_containers could not be read ({error.problem})",
+                    "nothing was pinned",
+                ) from error
             if previous < 1:
                 self.sdk.update_autoscaler(self.target, 1)
         self._restore_min = previous
@@ -152,3 +203,12 @@ class ModalProvider:
     def pinned(self) -> bool:
         """Whether `pin` ran and `unpin` has not yet."""
         return self._restore_min is not None
+
+
+def _containers_note(found: ModalStatus) -> str | None:
+    """The wake's first progress line: is a container up (warm) or is a cold start coming?"""
+    if found.containers is None:
+        return None
+    if found.containers == 0:
+        return "no container running: a cold start is expected"
+    return f"{found.containers} container{'s' if found.containers > 1 else ''} running"

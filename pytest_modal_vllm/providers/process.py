@@ -85,9 +85,11 @@ class ProcessProvider:
     """Starts the command on a free port, reports its death, and stops it with its children."""
 
     OPTIONS = ("log_dir",)
+    wake_note: str | None = None
 
     def __init__(self, platform: ResolvedPlatform, *, log_dir: Path | None = None) -> None:
         self.platform = platform
+        self.notes: list[str] = []
         self.log_dir = log_dir or Path(tempfile.gettempdir()) / "pytest-modal-vllm"
         self.log_path: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None

@@ -16,9 +16,11 @@ class StubProvider:
     """Starts a `StubServer` (echo, or the rules of `script`; `cold_start` simulated)."""
 
     OPTIONS: tuple[str, ...] = ()
+    wake_note: str | None = None
 
     def __init__(self, platform: ResolvedPlatform) -> None:
         self.platform = platform
+        self.notes: list[str] = []
         self.server: StubServer | None = None
 
     def start(self) -> str:

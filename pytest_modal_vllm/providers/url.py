@@ -11,9 +11,11 @@ class UrlProvider:
     """Hands on the resolved base URL; starts and stops nothing."""
 
     OPTIONS: tuple[str, ...] = ()
+    wake_note: str | None = None
 
     def __init__(self, platform: ResolvedPlatform) -> None:
         self.platform = platform
+        self.notes: list[str] = []
 
     def start(self) -> str:
         """The base URL (expanded and normalized by the resolution)."""
