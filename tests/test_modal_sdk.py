@@ -474,3 +474,42 @@ def test_autoscaler_on_clients_without_the_manager(monkeypatch: pytest.MonkeyPat
     assert sdk.get_min_containers(ModalTarget("app")) == 0  # cannot be read
     sdk.update_autoscaler(ModalTarget("app"), 1)
     assert log == [("update_autoscaler", 1)]
+
+
+def test_status_reads_the_control_plane_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` calls what wakes nothing: the URL, `get_current_stats`, `info`, the tags."""
+    import modal
+
+    called: list[str] = []
+
+    class Function:
+        def get_web_url(self) -> str:
+            called.append("get_web_url")
+            return "https://w--app.modal.run"
+
+        def get_current_stats(self) -> Any:
+            called.append("get_current_stats")
+            return type("Stats", (), {"num_total_runners": 0, "backlog": 3})()
+
+        def info(self) -> Any:
+            called.append("info")
+            web = type("Web", (), {"unauthenticated": True})()
+            return type("Info", (), {"web_info": web})()
+
+    class App:
+        def get_tags(self) -> dict[str, str]:
+            called.append("get_tags")
+            return {FINGERPRINT_TAG: "ab" * 16}
+
+    monkeypatch.setattr(modal.Function, "from_name", lambda *a, **k: Function())
+    monkeypatch.setattr(modal.App, "lookup", lambda *a, **k: App())
+    found = ModalSDK().status(ModalTarget("app"))
+    assert (found.deployed, found.url, found.containers, found.backlog) == (
+        True,
+        "https://w--app.modal.run",
+        0,
+        3,
+    )
+    assert found.proxy_auth is False  # unauthenticated: strangers can wake it
+    assert found.fingerprint == "ab" * 16
+    assert called == ["get_web_url", "get_current_stats", "info", "get_tags"]
