@@ -4,19 +4,29 @@
 seconds (a request inside Modal's `scaledown_window` keeps the container up).
 `autoscaler`: pins `min_containers=1` on the Modal function through the provider, and restores
 the value it read before at the end.
+
+A deployed modal platform shares both with every other session on the app through a lease
+(`leases.LeaseBook`): the same thread then renews the lease at each interval and pings only
+while this session is the one that pings; the pin is the lease book's.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import PlatformError
+
+if TYPE_CHECKING:
+    from .leases import LeaseBook
 
 
 class KeepAlive(Protocol):
     """A running keep-alive; `stop()` ends it and undoes what it changed."""
 
     pings: int
+    notes: list[str]
 
     def stop(self) -> None:
         """Stop; safe to call twice."""
@@ -24,7 +34,8 @@ class KeepAlive(Protocol):
 
 
 class PingKeepAlive:
-    """Pings `<root>/health` every `interval` seconds in a daemon thread until stopped."""
+    """Pings `<root>/health` every `interval` seconds in a daemon thread until stopped; with a
+    lease `book`, renews the lease at each interval and pings only while the book says so."""
 
     def __init__(
         self,
@@ -32,20 +43,26 @@ class PingKeepAlive:
         root_url: str,
         interval: float,
         headers: Mapping[str, str] | None = None,
+        book: LeaseBook | None = None,
     ) -> None:
         self.platform = platform
         self.root_url = root_url
         self.interval = interval
         self.headers = dict(headers or {})
+        self.book = book
         self.pings = 0
         self.failures = 0
+        # What the lease book did worth telling (cleared leases, a re-asserted pin, ...).
+        self.notes: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"vllm-keepalive-{platform}", daemon=True
         )
 
     def start(self) -> PingKeepAlive:
-        """Start the thread; returns self."""
+        """Take the lease (if any), start the thread; returns self."""
+        if self.book is not None:
+            self.notes += self.book.arrive()
         self._thread.start()
         return self
 
@@ -56,6 +73,13 @@ class PingKeepAlive:
 
         with httpx.Client(headers=self.headers, follow_redirects=True) as client:
             while not self._stop.wait(self.interval):
+                if self.book is not None:
+                    try:
+                        self.notes += self.book.heartbeat()
+                    except PlatformError as error:  # Modal hiccup: the next beat tries again
+                        self.notes.append(f"a lease heartbeat failed: {error.problem}")
+                    if not self.book.pinging:
+                        continue
                 # A held ping would only delay the next one: give up after an interval.
                 answer = check_health(self.root_url, {}, max(1.0, self.interval), client)
                 if answer.error is None:
@@ -64,10 +88,14 @@ class PingKeepAlive:
                     self.failures += 1
 
     def stop(self) -> None:
-        """Stop the thread and wait for it (an in-flight ping is bounded by its timeout)."""
+        """Stop the thread and wait for it (an in-flight ping is bounded by its timeout);
+        give the lease back (the last session out restores the app's settings)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=max(2.0, self.interval + 1.0))
+        book, self.book = self.book, None
+        if book is not None:
+            self.notes += book.leave()
 
 
 class Pinnable(Protocol):
@@ -89,6 +117,7 @@ class AutoscalerKeepAlive:
 
     def __init__(self, provider: Pinnable) -> None:
         self.provider = provider
+        self.notes: list[str] = []
         self._pinned = False
 
     def start(self) -> AutoscalerKeepAlive:

@@ -17,9 +17,11 @@ Modal SDK calls used (modal 1.6):
   `Server.from_name(app, name, environment_name=).get_url()` for an `@app.server` class;
 - deploy: `with modal.enable_output(): app.deploy(name=, environment_name=)`;
 - ephemeral: `with app.run(environment_name=):` and the local handle's `get_web_url()`/`get_url()`;
-- autoscaler: `<handle>.autoscaler.settings().min_containers` and
-  `<handle>.autoscaler.update(min_containers=)` (`update_autoscaler()` is deprecated in 1.6 and
-  only used when `.autoscaler` is missing, on older clients);
+- status (wakes nothing): `get_web_url()`/`get_url()`, `Function.get_current_stats()` (or a
+  Server's registered containers), `info()` (proxy auth), `App.lookup(...).get_tags()`;
+- autoscaler: `<handle>.autoscaler.settings()` and `<handle>.autoscaler.update(...)`;
+- leases: `modal.Dict.from_name(name, environment_name=, create_if_missing=True)` with `put`
+  (`skip_if_exists=True` as an atomic create), `get`, `pop`, `items`;
 - stop: `App.lookup(app, environment_name=).stop()`.
 
 With no credentials configured (no `~/.modal.toml`, no `MODAL_TOKEN_ID`/`MODAL_TOKEN_SECRET`)
@@ -86,6 +88,45 @@ class ModalTarget:
         kind = "server" if self.server else "web function"
         env = f" in Modal environment {self.environment!r}" if self.environment else ""
         return f"{kind} {self.name!r} of Modal app {self.app!r}{env}"
+
+
+@dataclass(frozen=True)
+class Autoscaler:
+    """The autoscaler settings the plugin changes and restores."""
+
+    min_containers: int
+    # Seconds an idle container stays up; None when Modal reports none set.
+    scaledown_window: int | None
+
+
+class LeaseStore(Protocol):
+    """A named, persistent key-value store shared by every session of an app (a `modal.Dict`
+    on Modal): `put(..., skip_if_exists=True)` is an atomic create."""
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        """Store `value`; with `skip_if_exists`, only if `key` is absent. True if stored."""
+        ...
+
+    def get(self, key: str) -> Any:
+        """The value of `key`, or None."""
+        ...
+
+    def pop(self, key: str) -> Any:
+        """Remove `key`; its value, or None."""
+        ...
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every key and value."""
+        ...
+
+
+def lease_dict_name(target: ModalTarget) -> str:
+    """`modal-vllm-leases-<app>`: the Dict of an app's leases (names stay under 64 characters:
+    a long app name is cut and followed by a short hash of it)."""
+    name = f"modal-vllm-leases-{target.app}"
+    if len(name) > 63:
+        name = f"{name[:54]}-{hashlib.sha256(target.app.encode()).hexdigest()[:8]}"
+    return name
 
 
 @dataclass(frozen=True)
@@ -367,12 +408,22 @@ class ModalBackend(Protocol):
         """Run the app as an ephemeral Modal app while the context is open; yields the URL."""
         ...
 
-    def get_min_containers(self, target: ModalTarget) -> int:
-        """The current `min_containers` of the function or server (0 when not set)."""
+    def autoscaler(self, target: ModalTarget) -> Autoscaler:
+        """The current autoscaler settings; `UnavailableError` when they cannot be read."""
         ...
 
-    def update_autoscaler(self, target: ModalTarget, min_containers: int) -> None:
-        """Set `min_containers` of the function or server."""
+    def update_autoscaler(
+        self,
+        target: ModalTarget,
+        *,
+        min_containers: int | None = None,
+        scaledown_window: int | None = None,
+    ) -> None:
+        """Override the given settings (None: leave unchanged); a redeploy wipes overrides."""
+        ...
+
+    def leases(self, target: ModalTarget) -> LeaseStore:
+        """The app's lease store (created on first use)."""
         ...
 
     def stop_app(self, target: ModalTarget) -> bool:
@@ -517,24 +568,31 @@ class ModalSDK:
 
     # -- autoscaler
 
-    def get_min_containers(self, target: ModalTarget) -> int:
-        """The current `min_containers` (0 when unset, or when this client cannot read it)."""
+    def autoscaler(self, target: ModalTarget) -> Autoscaler:
+        """`<handle>.autoscaler.settings()`: a control-plane call, it wakes nothing."""
         with _modal_errors("reading the autoscaler settings", target):
-            manager = getattr(self._remote_handle(target), "autoscaler", None)
-            if manager is None:  # Modal clients before `.autoscaler` cannot read it
-                return 0
-            value = manager.settings().min_containers
-            return int(value) if value else 0
+            settings = self._remote_handle(target).autoscaler.settings()
+            window = settings.scaledown_window
+            return Autoscaler(int(settings.min_containers or 0), int(window) if window else None)
 
-    def update_autoscaler(self, target: ModalTarget, min_containers: int) -> None:
-        """Set `min_containers` (other autoscaler settings are left as they are)."""
+    def update_autoscaler(
+        self,
+        target: ModalTarget,
+        *,
+        min_containers: int | None = None,
+        scaledown_window: int | None = None,
+    ) -> None:
+        """`<handle>.autoscaler.update(...)` with only the given settings (an omitted one is
+        unchanged; note that Modal reads an explicit `None` as 0)."""
+        changes = {"min_containers": min_containers, "scaledown_window": scaledown_window}
         with _modal_errors("updating the autoscaler", target):
-            handle = self._remote_handle(target)
-            manager = getattr(handle, "autoscaler", None)
-            if manager is not None:
-                manager.update(min_containers=min_containers)
-            else:  # older clients; deprecated since 1.6
-                handle.update_autoscaler(min_containers=min_containers)
+            self._remote_handle(target).autoscaler.update(
+                **{key: value for key, value in changes.items() if value is not None}
+            )
+
+    def leases(self, target: ModalTarget) -> LeaseStore:
+        """The app's `modal.Dict` (`lease_dict_name`), created if missing, in its environment."""
+        return _ModalDict(target)
 
     # -- stop
 
@@ -549,6 +607,45 @@ class ModalSDK:
                 return False
             app.stop()
             return True
+
+
+class _ModalDict:
+    """A `LeaseStore` on a named `modal.Dict` (values are pickled by Modal)."""
+
+    def __init__(self, target: ModalTarget) -> None:
+        self.target = target
+        self._dict: Any = None
+
+    def _handle(self) -> Any:
+        import modal
+
+        if self._dict is None:
+            self._dict = modal.Dict.from_name(
+                lease_dict_name(self.target),
+                environment_name=self.target.environment,
+                create_if_missing=True,
+            )
+        return self._dict
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        """`Dict.put` (atomic create with `skip_if_exists`)."""
+        with _modal_errors("writing a lease of", self.target, lookup=False):
+            return bool(self._handle().put(key, value, skip_if_exists=skip_if_exists))
+
+    def get(self, key: str) -> Any:
+        """`Dict.get`."""
+        with _modal_errors("reading a lease of", self.target, lookup=False):
+            return self._handle().get(key)
+
+    def pop(self, key: str) -> Any:
+        """`Dict.pop` (None when absent)."""
+        with _modal_errors("removing a lease of", self.target, lookup=False):
+            return self._handle().pop(key, None)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """`Dict.items`."""
+        with _modal_errors("reading the leases of", self.target, lookup=False):
+            return list(self._handle().items())
 
 
 # ----------------------------------------------------------------------- the seam

@@ -69,6 +69,7 @@ class Platform:
     modal_app: str | None = _field(None, ("modal",))
     deploy_env: Mapping[str, str] = _field({}, ("modal",), _TABLE_OF_STRINGS)
     proxy_auth: bool = _field(False, ("modal",), _BOOL)
+    fast_scaledown: bool = _field(True, ("modal",), _BOOL)
     command: tuple[str, ...] = _field((), ("process",), _LIST_OF_STRINGS)
     env: Mapping[str, str] = _field({}, ("process",), _TABLE_OF_STRINGS)
     script: str | None = _field(None, ("stub",))

@@ -174,13 +174,40 @@ class EndpointSession:
     def _start_keepalive(self, run: PlatformRun) -> None:
         assert run.endpoint is not None
         mode = run.platform.keep_alive.value
+        if mode == "off":
+            return
+        from .providers.modal import ModalProvider
+
+        if isinstance(run.provider, ModalProvider) and run.platform.modal_mode != "ephemeral":
+            # A deployed app is shared: keep it warm with a lease beside every other session.
+            keepalive = PingKeepAlive(
+                run.name,
+                run.endpoint.root_url,
+                run.platform.keep_alive_interval,
+                run.endpoint.headers,
+                book=None,
+            )
+            run.keepalive = keepalive  # before start(): a half-taken lease is still given back
+            try:
+                keepalive.book = run.provider.lease_book(mode)
+                keepalive.start()
+                self.notes += [f"{run.name}: {note}" for note in keepalive.notes]
+                keepalive.notes.clear()
+                return
+            except PlatformError as error:  # the lease Dict cannot be reached or written
+                self.notes.append(
+                    f"{run.name}: WARNING: the shared lease cannot be used ({error.problem}); "
+                    "this session keeps the app warm on its own"
+                )
+                self._stop_quietly(keepalive)
+                run.keepalive = None
         if mode == "ping":
             self._start_ping(run)
         elif mode == "autoscaler":
-            keepalive = AutoscalerKeepAlive(run.provider)  # type: ignore[arg-type]
-            run.keepalive = keepalive  # before start(): a failing pin is still undone by close()
+            pin = AutoscalerKeepAlive(run.provider)  # type: ignore[arg-type]
+            run.keepalive = pin  # before start(): a failing pin is still undone by close()
             try:
-                keepalive.start()
+                pin.start()
             except SettingUnreadable as error:
                 self.notes.append(
                     f"{run.name}: WARNING: keep-alive 'autoscaler' fell back to 'ping': "
@@ -188,6 +215,13 @@ class EndpointSession:
                 )
                 run.keepalive = None
                 self._start_ping(run)
+
+    @staticmethod
+    def _stop_quietly(keepalive: KeepAlive) -> None:
+        try:
+            keepalive.stop()
+        except PlatformError:
+            pass  # the lease store failed already; the warning said so
 
     def _start_ping(self, run: PlatformRun) -> None:
         assert run.endpoint is not None
@@ -229,7 +263,8 @@ class EndpointSession:
 
     def close(self) -> list[str]:
         """Stop keep-alive (restoring the autoscaler) and every provider. Returns problems
-        met while stopping (each already handled as far as possible); idempotent."""
+        met while stopping (each already handled as far as possible) and what the shared
+        leases did meanwhile; idempotent."""
         problems: list[str] = []
         if self._closed:
             return problems
@@ -242,6 +277,8 @@ class EndpointSession:
                     action.stop()
                 except BaseException as error:  # keep stopping the rest, even on Ctrl-C
                     problems.append(f"{run.name}: stopping its {what} failed: {error}")
+            if run.keepalive is not None:
+                problems += [f"{run.name}: {note}" for note in run.keepalive.notes]
             run.keepalive = None
         self._restore_sigterm()
         return problems

@@ -17,7 +17,8 @@ it starts:
   emulator, as a rolling redeploy does), `stop_app()` removes it.
 - `FAKE_MODAL_CALLS`: a file that gets one JSON line per call: `{"call": "locate", ...}`;
   the ephemeral run records `ephemeral_enter` and `ephemeral_exit` (with `"error"`).
-- `FAKE_MODAL_STATE`: the JSON state file (deployed apps, tags).
+- `FAKE_MODAL_STATE`: the JSON state file (deployed apps, tags); the lease Dicts live beside
+  it in `<state>.dicts.json` (`FileDict`), shared by every process.
 - `FAKE_MODAL_FAIL`: comma-separated method names that raise `UnavailableError`.
 - `FAKE_MODAL_RAISE`: `method:ExceptionName` (e.g. `deploy:ImageBuildError`): that method
   raises that `modal.exception` class, through the real adapter's error mapping.
@@ -27,9 +28,10 @@ it starts:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,12 @@ import httpx
 
 from pytest_modal_vllm.errors import UnavailableError
 from pytest_modal_vllm.modal_sdk import (
+    Autoscaler,
     ModalStatus,
     ModalTarget,
     NotDeployedError,
     auth_error,
+    lease_dict_name,
     not_deployed_error,
 )
 
@@ -224,17 +228,33 @@ class FakeModal:
         finally:
             self._record("ephemeral_exit", error=type(error).__name__ if error else None, **fields)
 
-    def get_min_containers(self, target: ModalTarget) -> int:
-        """The emulator's effective `min_containers`; `UnavailableError` when unreadable."""
-        self._record("get_min_containers", **self._fields(target))
-        self._check("get_min_containers")
-        return int(self._control(target, "GET", "autoscaler")["min_containers"])
+    def autoscaler(self, target: ModalTarget) -> Autoscaler:
+        """The emulator's effective settings; `UnavailableError` when unreadable."""
+        self._record("autoscaler", **self._fields(target))
+        self._check("autoscaler")
+        settings = self._control(target, "GET", "autoscaler")
+        window = settings["scaledown_window"]
+        return Autoscaler(int(settings["min_containers"]), int(window) if window else None)
 
-    def update_autoscaler(self, target: ModalTarget, min_containers: int) -> None:
-        """Override the emulator's `min_containers`."""
-        self._record("update_autoscaler", **self._fields(target), min_containers=min_containers)
+    def update_autoscaler(
+        self,
+        target: ModalTarget,
+        *,
+        min_containers: int | None = None,
+        scaledown_window: int | None = None,
+    ) -> None:
+        """Override the emulator's settings (None: unchanged)."""
+        changes = {"min_containers": min_containers, "scaledown_window": scaledown_window}
+        self._record("update_autoscaler", **self._fields(target), **changes)
         self._check("update_autoscaler")
-        self._control(target, "POST", "autoscaler", {"min_containers": min_containers})
+        given = {key: value for key, value in changes.items() if value is not None}
+        self._control(target, "POST", "autoscaler", given)
+
+    def leases(self, target: ModalTarget) -> FileDict:
+        """The app's lease store: a file shared by every process of the test, with a lock."""
+        self._check("leases")
+        state = os.environ.get("FAKE_MODAL_STATE") or str(Path.cwd() / "fake-modal-state.json")
+        return FileDict(Path(state + ".dicts.json"), lease_dict_name(target), self._check)
 
     def stop_app(self, target: ModalTarget) -> bool:
         """Remove the app from the deployed ones; False if it was not deployed."""
@@ -245,6 +265,62 @@ class FakeModal:
             return False
         self._set_deployed(deployed - {target.app})
         return True
+
+
+class FileDict:
+    """A `modal.Dict` stand-in shared between processes: one JSON file of named dicts, every
+    operation under an exclusive lock (`put(..., skip_if_exists=True)` is an atomic create).
+    `FAKE_MODAL_FAIL=leases` makes every operation fail, as an unreachable Dict would."""
+
+    def __init__(self, path: Path, name: str, check: Callable[[str], None]) -> None:
+        self.path, self.name, self._check = path, name, check
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        self._check("leases")
+        with open(str(self.path) + ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+                data = json.loads(text or "{}")
+                before = json.dumps(data, sort_keys=True)
+                yield data.setdefault(self.name, {})
+                if json.dumps(data, sort_keys=True) != before:
+                    tmp = Path(str(self.path) + ".tmp")
+                    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+                    tmp.replace(self.path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        """Store `value`; with `skip_if_exists`, only if `key` is absent."""
+        with self._locked() as entries:
+            if skip_if_exists and key in entries:
+                return False
+            entries[key] = value
+            return True
+
+    def get(self, key: str) -> Any:
+        """The value of `key`, or None."""
+        with self._locked() as entries:
+            return entries.get(key)
+
+    def pop(self, key: str) -> Any:
+        """Remove `key`; its value, or None."""
+        with self._locked() as entries:
+            return entries.pop(key, None)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every key and value."""
+        with self._locked() as entries:
+            return list(entries.items())
+
+
+def read_dict(state_path: str | os.PathLike[str], app: str) -> dict[str, Any]:
+    """The lease Dict of `app` as a dict (for assertions)."""
+    file = Path(str(state_path) + ".dicts.json")
+    data = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+    return dict(data.get(lease_dict_name(ModalTarget(app)), {}))
 
 
 def read_calls(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

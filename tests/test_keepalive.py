@@ -278,7 +278,8 @@ def test_session_pins_through_the_modal_provider_and_close_restores_after_a_fail
     finally:
         problems = session.close()
     assert server.autoscaler()["min_containers"] == 0
-    assert problems == ["m: stopping its provider failed: provider stop failed"]
+    assert problems[0] == "m: stopping its provider failed: provider stop failed"
+    assert "m: restored min_containers to 0" in problems  # what the shared lease did
     updates = [
         c["min_containers"]
         for c in read_calls(tmp_path / "calls.jsonl")

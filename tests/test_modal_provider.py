@@ -395,7 +395,7 @@ def test_an_already_warm_function_is_left_alone(modal: Modal) -> None:
     app.unpin()
     # Pinning to 1 would have lowered it; restoring would have been a no-op at best.
     assert server.autoscaler()["min_containers"] == 3
-    assert modal.names() == ["get_min_containers"]
+    assert modal.names() == ["autoscaler"]
 
 
 def test_an_unreadable_value_is_never_written(modal: Modal) -> None:

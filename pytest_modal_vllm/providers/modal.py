@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import PlatformError, SettingUnreadable, UnavailableError
+from ..leases import LeaseBook, who
 from ..modal_sdk import (
     ModalBackend,
     ModalStatus,
@@ -175,14 +176,14 @@ class ModalProvider:
             return
         with self._attributed():
             try:
-                previous = self.sdk.get_min_containers(self.target)
+                previous = self.sdk.autoscaler(self.target).min_containers
             except UnavailableError as error:
                 raise SettingUnreadable(
                     f"its autoscaler's min_containers could not be read ({error.problem})",
                     "nothing was pinned",
                 ) from error
             if previous < 1:
-                self.sdk.update_autoscaler(self.target, 1)
+                self.sdk.update_autoscaler(self.target, min_containers=1)
         self._restore_min = previous
 
     def unpin(self) -> None:
@@ -197,7 +198,20 @@ class ModalProvider:
         if self.platform.modal_mode == "ephemeral" and not self._ephemeral_open:
             return  # the ephemeral app is gone, and its settings with it
         with self._attributed():
-            self.sdk.update_autoscaler(self.target, previous)
+            self.sdk.update_autoscaler(self.target, min_containers=previous)
+
+    def lease_book(self, mode: str) -> LeaseBook:
+        """This session's lease on the app (`leases.py`), for `ping` or `autoscaler` mode."""
+        platform = self.platform
+        return LeaseBook(
+            self.sdk.leases(self.target),
+            self.sdk,
+            self.target,
+            mode=mode,
+            interval=platform.keep_alive_interval,
+            fast_scaledown=platform.definition.fast_scaledown,
+            holder=who(platform.name),
+        )
 
     @property
     def pinned(self) -> bool:
