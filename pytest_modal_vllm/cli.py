@@ -1,4 +1,4 @@
-"""The `modal-vllm` command: list, wake, inspect, deploy, stop and serve platforms.
+"""The `modal-vllm` command: list, wake, inspect, deploy, release, stop and serve platforms.
 
 It resolves settings and platforms through the same functions as the plugin: the rootdir and
 ini values are found as pytest finds them from the current directory, then built-ins,
@@ -150,6 +150,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    """Clear leases of sessions that ended without cleaning up; restore settings if none left."""
+    from .providers.modal import ModalProvider
+
+    provider = ModalProvider(_modal_platform(args, "release"))
+    done = provider.release(everything=args.all)
+    name = provider.platform.name
+    for line in done or ["nothing to release: no expired lease, settings as they should be"]:
+        print(f"{name}: {line}")
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a deployed modal platform's app."""
     from .providers.modal import ModalProvider
@@ -215,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("name")
     deploy.add_argument("--force", action="store_true", help="deploy even with the same settings")
     deploy.set_defaults(run=cmd_deploy)
+    release = commands.add_parser(
+        "release", help="clear leases of sessions that ended without cleaning up"
+    )
+    release.add_argument("name")
+    which = release.add_mutually_exclusive_group()
+    which.add_argument(
+        "--expired", action="store_true", help="only expired leases (the default)"
+    )
+    which.add_argument("--all", action="store_true", help="every lease, live ones included")
+    release.set_defaults(run=cmd_release)
     for name, helptext, run in (
         ("status", "where a platform is and its state; wakes nothing", cmd_status),
         ("stop", "stop a deployed modal platform's app", cmd_stop),

@@ -150,8 +150,9 @@ calls = {
     "locate": lambda: sdk.locate(ModalTarget("some-app")),
     "locate_server": lambda: sdk.locate(ModalTarget("some-app", None, "Srv", "dev")),
     "status": lambda: sdk.status(ModalTarget("some-app")),
-    "get_min_containers": lambda: sdk.get_min_containers(ModalTarget("some-app")),
-    "update_autoscaler": lambda: sdk.update_autoscaler(ModalTarget("some-app"), 1),
+    "autoscaler": lambda: sdk.autoscaler(ModalTarget("some-app")),
+    "update_autoscaler": lambda: sdk.update_autoscaler(ModalTarget("some-app"), min_containers=1),
+    "leases": lambda: sdk.leases(ModalTarget("some-app")).items(),
     "stop_app": lambda: sdk.stop_app(ModalTarget("some-app")),
     "deploy": lambda: sdk.deploy(bundled_app_file(), {}, ModalTarget("some-app"), "fp"),
     "ephemeral": lambda: sdk.ephemeral(bundled_app_file(), {}, ModalTarget("some-app")).__enter__(),
@@ -177,8 +178,9 @@ def test_no_credentials_give_the_auth_hint_at_once_without_network(tmp_path: Pat
         "locate",
         "locate_server",
         "status",
-        "get_min_containers",
+        "autoscaler",
         "update_autoscaler",
+        "leases",
         "stop_app",
         "deploy",
         "ephemeral",
@@ -424,31 +426,33 @@ def test_locate_a_server_uses_get_url(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _Manager:
-    def __init__(self, value: int | None, log: list[Any]) -> None:
-        self.value, self.log = value, log
+    def __init__(self, stored: tuple[int | None, int | None], log: list[Any]) -> None:
+        self.stored, self.log = stored, log
 
     def settings(self) -> Any:
-        return type("Settings", (), {"min_containers": self.value})()
+        minimum, window = self.stored
+        return type("Settings", (), {"min_containers": minimum, "scaledown_window": window})()
 
-    def update(self, *, min_containers: int) -> None:
-        self.log.append(("autoscaler.update", min_containers))
+    def update(self, **changes: Any) -> None:
+        self.log.append(("autoscaler.update", changes))
 
 
 class _Handle:
-    def __init__(self, manager: _Manager | None, log: list[Any]) -> None:
-        if manager is not None:
-            self.autoscaler = manager
+    def __init__(self, manager: _Manager, log: list[Any]) -> None:
+        self.autoscaler = manager
         self.log = log
 
-    def update_autoscaler(self, *, min_containers: int) -> None:
-        self.log.append(("update_autoscaler", min_containers))
 
-
-@pytest.mark.parametrize(("stored", "read"), [(None, 0), (0, 0), (2, 2)])
+@pytest.mark.parametrize(
+    ("stored", "read"),
+    [((None, None), (0, None)), ((0, 300), (0, 300)), ((2, 60), (2, 60))],
+)
 def test_autoscaler_reads_and_updates_through_autoscaler_manager(
-    monkeypatch: pytest.MonkeyPatch, stored: int | None, read: int
+    monkeypatch: pytest.MonkeyPatch, stored: tuple[int | None, int | None], read: tuple[int, int]
 ) -> None:
     import modal
+
+    from pytest_modal_vllm.modal_sdk import Autoscaler
 
     log: list[Any] = []
     lookups: list[tuple[Any, ...]] = []
@@ -459,21 +463,53 @@ def test_autoscaler_reads_and_updates_through_autoscaler_manager(
 
     monkeypatch.setattr(modal.Function, "from_name", from_name)
     sdk = ModalSDK()
-    assert sdk.get_min_containers(ModalTarget("app", environment="dev")) == read
-    sdk.update_autoscaler(ModalTarget("app", environment="dev"), 1)
-    assert log == [("autoscaler.update", 1)]
-    assert lookups == [("app", "serve", "dev")] * 2
+    target = ModalTarget("app", environment="dev")
+    assert sdk.autoscaler(target) == Autoscaler(*read)
+    sdk.update_autoscaler(target, min_containers=1)
+    sdk.update_autoscaler(target, scaledown_window=2)
+    # Only what is given is sent: an omitted setting stays as it is (None would mean 0).
+    assert log == [
+        ("autoscaler.update", {"min_containers": 1}),
+        ("autoscaler.update", {"scaledown_window": 2}),
+    ]
+    assert lookups == [("app", "serve", "dev")] * 3
 
 
-def test_autoscaler_on_clients_without_the_manager(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leases_use_the_apps_named_dict(monkeypatch: pytest.MonkeyPatch) -> None:
     import modal
 
-    log: list[Any] = []
-    monkeypatch.setattr(modal.Function, "from_name", lambda *a, **k: _Handle(None, log))
-    sdk = ModalSDK()
-    assert sdk.get_min_containers(ModalTarget("app")) == 0  # cannot be read
-    sdk.update_autoscaler(ModalTarget("app"), 1)
-    assert log == [("update_autoscaler", 1)]
+    opened: list[tuple[Any, ...]] = []
+    store: dict[str, Any] = {}
+
+    class Dict:
+        def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+            if skip_if_exists and key in store:
+                return False
+            store[key] = value
+            return True
+
+        def get(self, key: str) -> Any:
+            return store.get(key)
+
+        def pop(self, key: str, default: Any) -> Any:
+            return store.pop(key, default)
+
+        def items(self) -> Any:
+            yield from list(store.items())
+
+    def from_name(name: str, *, environment_name: str | None, create_if_missing: bool) -> Dict:
+        opened.append((name, environment_name, create_if_missing))
+        return Dict()
+
+    monkeypatch.setattr(modal.Dict, "from_name", from_name)
+    leases = ModalSDK().leases(ModalTarget("my-app", environment="dev"))
+    assert leases.put("a", 1, skip_if_exists=True) is True
+    assert leases.put("a", 2, skip_if_exists=True) is False  # the atomic create
+    assert leases.get("a") == 1
+    assert leases.items() == [("a", 1)]
+    assert leases.pop("a") == 1
+    assert leases.pop("a") is None
+    assert opened == [("modal-vllm-leases-my-app", "dev", True)]  # opened once, created if new
 
 
 def test_status_reads_the_control_plane_only(monkeypatch: pytest.MonkeyPatch) -> None:

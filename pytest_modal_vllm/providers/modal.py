@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 from ..errors import PlatformError, SettingUnreadable, UnavailableError
 from ..leases import LeaseBook, who
@@ -28,6 +27,7 @@ from ..modal_sdk import (
     NotDeployedError,
     deploy_fix,
     fingerprint,
+    lease_dict_name,
     load_sdk,
 )
 from ..probe import root_of
@@ -122,7 +122,8 @@ class ModalProvider:
             lines.append(health_line(root_of(found.url), dict(self.platform.headers)))
         else:
             lines.append("answers /health now: not asked (no container is up; asking starts one)")
-        wanted = fingerprint(self.platform.modal_app or Path(), self.platform.deploy_env)
+        assert self.platform.modal_app is not None
+        wanted = fingerprint(self.platform.modal_app, self.platform.deploy_env)
         if found.fingerprint is not None:
             same = "the platform's settings" if found.fingerprint == wanted else "other settings"
             lines.append(f"deployed with: {same} (fingerprint {found.fingerprint[:12]})")
@@ -131,7 +132,35 @@ class ModalProvider:
                 "WARNING: proxy auth is off: anyone who knows the URL can start (and bill) a "
                 "container; set proxy_auth = true on the platform and redeploy"
             )
-        return lines
+        return lines + self._lease_lines()
+
+    def _lease_lines(self) -> list[str]:
+        """Who keeps the app warm (clearing expired leases on the way, as every session does)."""
+        book = self.lease_book("ping")
+        try:
+            cleared = book.release()
+            live, record, pinger = book.live(), book.original(), book.pinger()
+        except PlatformError as error:
+            return [f"leases: cannot be read ({error.problem})"]
+        now = book.clock()
+        lines = [f"leases ({lease_dict_name(self.target)}, TTL {book.ttl:g}s): {len(live)} live"]
+        lines += [f"  {lease.describe(now)}" for lease in live]
+        if record is not None:
+            parked = " (parked until the next session)" if record.get("parked") else ""
+            lines.append(
+                f"original settings: min_containers={record['min_containers']}, "
+                f"scaledown_window={record['scaledown_window']}{parked}, recorded by "
+                f"{record.get('by')}"
+            )
+        if pinger is not None:
+            lines.append(f"pinged by: {pinger}")
+        return lines + cleared
+
+    def release(self, *, everything: bool = False) -> list[str]:
+        """Clear expired leases (`everything`: all of them); with none left, restore the app's
+        settings. What was done, as lines."""
+        with self._attributed():
+            return self.lease_book("ping").release(everything=everything)
 
     def stop(self) -> None:
         """Stop the ephemeral app if one runs; safe to call twice and after a failed start."""
