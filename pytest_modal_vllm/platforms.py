@@ -70,6 +70,9 @@ class Platform:
     deploy_env: Mapping[str, str] = _field({}, ("modal",), _TABLE_OF_STRINGS)
     proxy_auth: bool = _field(False, ("modal",), _BOOL)
     fast_scaledown: bool = _field(True, ("modal",), _BOOL)
+    # The bundled app's start-up and chat template, as platform switches (deploy_env wins).
+    snapshot: bool = _field(False, ("modal",), _BOOL)
+    thinking: bool | None = _field(None, ("modal",), _BOOL)
     command: tuple[str, ...] = _field((), ("process",), _LIST_OF_STRINGS)
     env: Mapping[str, str] = _field({}, ("process",), _TABLE_OF_STRINGS)
     script: str | None = _field(None, ("stub",))
@@ -332,10 +335,14 @@ def builtin_platforms() -> dict[str, Platform]:
                 "MODEL_NAME": BUNDLED_QWEN,
                 "APP_NAME": "modal-vllm-qwen",
                 "TOOL_CALL_PARSER": "hermes",
-                # Qwen3 thinks aloud: the parser moves <think> blocks out of `content`, so
-                # tests see only the answer.
+                # With thinking on (`thinking = true`), the parser moves <think> blocks out
+                # of `content`, so tests see only the answer.
                 "VLLM_ARGS": "--reasoning-parser qwen3",
             },
+            # Qwen3 at temperature 0 with thinking on tends to loop until the context is
+            # full: thinking off, and a bounded answer for LangChain clients.
+            thinking=False,
+            client={"max_tokens": 1024},
             capabilities=full,
         ),
     }

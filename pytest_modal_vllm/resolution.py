@@ -26,6 +26,8 @@ T = TypeVar("T")
 
 DEFAULT_WAKE_TIMEOUT = {"modal": 900.0, "url": 600.0, "process": 300.0, "stub": 30.0}
 DEFAULT_KEEP_ALIVE = {"modal": "ping", "url": "off", "process": "off", "stub": "off"}
+# The bundled app's endpoint in snapshot mode: an `@app.server` class named `serve`.
+SNAPSHOT_SERVER = "serve"
 PROXY_TOKEN_ID_ENV = "MODAL_PROXY_TOKEN_ID"
 PROXY_TOKEN_SECRET_ENV = "MODAL_PROXY_TOKEN_SECRET"
 
@@ -84,6 +86,8 @@ class ResolvedPlatform:
     deploy_env: Mapping[str, str] = field(default_factory=dict)
     # "locate" (the deployed app), "deploy" (deploy first) or "ephemeral" (run for the session).
     modal_mode: str = "locate"
+    # How the bundled app starts: "snapshot" (SNAPSHOT on) or "plain"; None outside modal.
+    app_mode: Setting[str] | None = None
 
     @property
     def name(self) -> str:
@@ -249,10 +253,13 @@ def _modal_values(
             platform=platform.name,
         )
     mode = "deploy" if settings["deploy"] else "ephemeral" if settings["ephemeral"] else "locate"
+    server = platform.server
+    if platform.snapshot and not (platform.function or server):
+        server = SNAPSHOT_SERVER  # the bundled app serves snapshots from an @app.server class
     target = ModalTarget(
         app=platform.app,
-        function=None if platform.server else platform.function or DEFAULT_FUNCTION,
-        server=platform.server,
+        function=None if server else platform.function or DEFAULT_FUNCTION,
+        server=server,
         environment=platform.environment,
     )
     if platform.modal_app:
@@ -260,18 +267,33 @@ def _modal_values(
         app_file = app_file if app_file.is_absolute() else Path.cwd() / app_file
     else:
         app_file = bundled_app_file()
+    deploy_env = {**_switches(platform), **platform.deploy_env, "APP_NAME": platform.app}
+    snapshot = deploy_env.get("SNAPSHOT", "").strip().lower() in ("1", "true", "yes", "on")
+    app_mode = Setting(
+        "snapshot" if snapshot else "plain",
+        f"platform {platform.name}" if "SNAPSHOT" in deploy_env else "app default",
+    )
     return {
         "modal": target,
         "modal_app": app_file,
-        # The deployed name, the name looked up and the name the app file gives itself agree;
-        # a platform that sends proxy credentials deploys an app that demands them.
-        "deploy_env": {
-            **({"PROXY_AUTH": "1"} if platform.proxy_auth else {}),
-            **platform.deploy_env,
-            "APP_NAME": platform.app,
-        },
+        "app_mode": app_mode,
+        # The deployed name, the name looked up and the name the app file gives itself agree.
+        "deploy_env": deploy_env,
         "modal_mode": mode,
     }
+
+
+def _switches(platform: Platform) -> dict[str, str]:
+    """The app settings that platform fields switch on (the platform's `deploy_env` wins): a
+    platform that sends proxy credentials deploys an app that demands them."""
+    switches = {}
+    if platform.proxy_auth:
+        switches["PROXY_AUTH"] = "1"
+    if platform.snapshot:
+        switches["SNAPSHOT"] = "1"
+    if platform.thinking is not None:
+        switches["THINKING"] = "on" if platform.thinking else "off"
+    return switches
 
 
 def proxy_headers(platform: Platform, env: Mapping[str, str]) -> dict[str, str]:

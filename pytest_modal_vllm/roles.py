@@ -97,6 +97,8 @@ class Controller:
                     "keep_alive": run.platform.keep_alive,
                     "unavailable": unavailable,
                 }
+                if run.platform.app_mode is not None:
+                    values["app"] = run.platform.app_mode
                 lines.append(settings_line(run.name, values))
         return lines
 

@@ -284,3 +284,72 @@ def test_the_cli_resolves_ini_values_like_pytest(pytester: pytest.Pytester) -> N
     )
     assert result.returncode == 0, result.stderr
     assert "from-ini" in result.stdout
+
+
+# ---------------------------------------------------------------------------- the bundled app
+
+
+def _bundled_command(deploy_env: dict[str, str]) -> list[str]:
+    """The vLLM command the bundled app builds from exactly these settings (as a deploy
+    hands them over, in MODAL_VLLM_SETTINGS)."""
+    from pytest_modal_vllm.modal_sdk import load_app_file
+
+    loaded = load_app_file(bundled_app_file(), deploy_env)
+    module: Any = loaded.module
+    return list(module.build_vllm_command(module.SETTINGS))
+
+
+def test_modal_qwen_answers_without_thinking_and_a_field_turns_it_on(tmp_path: Path) -> None:
+    qwen = resolve_platform(builtin_platforms()["modal-qwen"], settings(), {})
+    assert qwen.deploy_env["THINKING"] == "off"
+    assert qwen.client.max_tokens == 1024  # a bounded answer for LangChain clients
+    command = _bundled_command(dict(qwen.deploy_env))
+    flag = command.index("--default-chat-template-kwargs")
+    assert command[flag + 1] == '{"enable_thinking": false}'
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.modal-vllm.platforms.qwen-thinks]\nkind = "modal"\napp = "q"\n'
+        'deploy_env = { MODEL_NAME = "Qwen/Qwen3-8B-FP8" }\nthinking = true\n'
+    )
+    from pytest_modal_vllm.platforms import load_platforms
+
+    thinks = resolve_platform(load_platforms(tmp_path, None)["qwen-thinks"], settings(), {})
+    command = _bundled_command(dict(thinks.deploy_env))
+    assert command[command.index("--default-chat-template-kwargs") + 1] == (
+        '{"enable_thinking": true}'
+    )
+    llama = resolve_platform(builtin_platforms()["modal-llama"], settings(), {})
+    assert "--default-chat-template-kwargs" not in _bundled_command(dict(llama.deploy_env))
+
+
+def test_snapshot_mode_is_one_field_and_points_at_the_apps_server() -> None:
+    plain = resolve_platform(Platform(name="m", kind="modal", app="a"), settings(), {})
+    assert plain.app_mode == Setting("plain", "app default")
+    assert "SNAPSHOT" not in plain.deploy_env
+    snapshot = Platform(name="m", kind="modal", app="a", snapshot=True)
+    snap = resolve_platform(snapshot, settings(), {})
+    assert snap.deploy_env["SNAPSHOT"] == "1"
+    assert snap.modal == ModalTarget("a", None, "serve")  # the bundled app's @app.server
+    assert snap.app_mode == Setting("snapshot", "platform m")
+
+
+def test_deploys_see_only_the_platforms_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU, VLLM_ARGS, MAX_MODEL_LEN... in the shell or .env never reach a built-in's deploy."""
+    from pytest_modal_vllm.modal_sdk import load_app_file
+
+    for name, value in {
+        "GPU": "A10G:4",
+        "VLLM_ARGS": "--gpu-memory-utilization 0.2",
+        "MAX_MODEL_LEN": "512",
+        "FAST_BOOT": "0",
+        "TOOL_CALL_PARSER": "mistral",
+    }.items():
+        monkeypatch.setenv(name, value)
+    llama = resolve_platform(builtin_platforms()["modal-llama"], settings(), {})
+    module: Any = load_app_file(bundled_app_file(), dict(llama.deploy_env)).module
+    app_settings = module.SETTINGS
+    assert app_settings.gpu == "H100:1"
+    assert app_settings.vllm_args == ()
+    assert app_settings.max_model_len is None
+    assert app_settings.fast_boot is True
+    assert app_settings.tool_call_parser is None
