@@ -20,7 +20,9 @@ from emulator import EMULATOR_SCRIPT
 
 from pytest_modal_vllm.clients import ClientFactory
 from pytest_modal_vllm.endpoint import Endpoint
+from pytest_modal_vllm.resolution import ClientOptions
 from pytest_modal_vllm.usage import UsageMeter
+from pytest_modal_vllm.wake import WakeRequest
 
 REQUESTS = 300
 BLOCK = 25
@@ -70,7 +72,8 @@ def main() -> dict[str, float]:
         plain = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
         endpoint = Endpoint(platform="bench", base_url=base_url, model="stub")
         meter = UsageMeter()
-        metered = ClientFactory(endpoint, meter).openai_client()
+        rewake = WakeRequest("bench", base_url, timeout=60).rewake
+        metered = ClientFactory(endpoint, ClientOptions(), meter, rewake).openai_client()
         for client in (plain, metered):  # warm connections and code paths
             one_sync(client)
             one_stream(client)

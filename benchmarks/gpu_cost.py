@@ -24,6 +24,7 @@ from emulator import EmulatorBehaviour, ModalEmulator
 from pytest_modal_vllm.clients import ClientFactory
 from pytest_modal_vllm.endpoint import Endpoint
 from pytest_modal_vllm.keepalive import PingKeepAlive
+from pytest_modal_vllm.resolution import ClientOptions
 from pytest_modal_vllm.usage import UsageMeter
 from pytest_modal_vllm.wake import Waker, WakeRequest
 
@@ -41,21 +42,21 @@ def session(strategy: str) -> dict[str, Any]:
         )
     ).start()
     try:
-        result = Waker(WakeRequest("emu", server.base_url, timeout=60)).run()
+        wake = WakeRequest("emu", server.base_url, timeout=60)
+        result = Waker(wake).run()
         endpoint = Endpoint(
             platform="emu",
             base_url=server.base_url,
             model=result.model,
             wake_seconds=result.seconds,
             cold=result.cold,
-            wake_timeout=60,
         )
         keepalive = None
         if strategy in ("ping", "ephemeral"):
             keepalive = PingKeepAlive("emu", endpoint.root_url, WINDOW / 2).start()
         if strategy == "autoscaler":
             server.behaviour.scaledown_window = None  # pinned: min_containers=1
-        client = ClientFactory(endpoint, UsageMeter()).openai_client()
+        client = ClientFactory(endpoint, ClientOptions(), UsageMeter(), wake.rewake).openai_client()
         started = time.monotonic()
         for gap in (0.0, *GAPS):
             time.sleep(gap)

@@ -17,6 +17,8 @@ import httpx
 
 from pytest_modal_vllm.platforms import load_platforms
 from pytest_modal_vllm.providers.process import ProcessProvider
+from pytest_modal_vllm.resolution import resolve_platform
+from pytest_modal_vllm.settings import resolve
 from pytest_modal_vllm.wake import Waker, WakeRequest
 
 PLATFORM_FILE = Path(__file__).resolve().parent.parent / "examples/platforms/vllm-cpu.toml"
@@ -24,10 +26,11 @@ PLATFORM_FILE = Path(__file__).resolve().parent.parent / "examples/platforms/vll
 
 def main() -> dict[str, float]:
     platform = load_platforms(None, str(PLATFORM_FILE))["vllm-cpu"]
-    provider = ProcessProvider(platform)
+    resolved = resolve_platform(platform, resolve({}, {}, {}))
+    provider = ProcessProvider(resolved)
     spawned = time.monotonic()
-    target = provider.start()
-    root = target.base_url[: -len("/v1")]
+    base_url = provider.start()
+    root = base_url[: -len("/v1")]
     reference: dict[str, float] = {}
 
     def poll() -> None:
@@ -43,11 +46,7 @@ def main() -> dict[str, float]:
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        Waker(
-            WakeRequest(
-                "vllm-cpu", target.base_url, timeout=600, model="smollm2", failure=provider.failure
-            )
-        ).run()
+        Waker(WakeRequest.of(resolved, base_url, provider.failure)).run()
         plugin_ready = time.monotonic()
         poller.join(timeout=5)
     finally:

@@ -143,8 +143,11 @@ def _usage_of(body: bytes) -> tuple[int, int]:
 class _Recorder:
     """Collects a response body as it streams by and records the request when it ends."""
 
-    def __init__(self, meter: UsageMeter, platform: str, started: float, error: bool) -> None:
+    def __init__(
+        self, meter: UsageMeter, platform: str, started: float, error: bool, replayed: bool
+    ) -> None:
         self.meter, self.platform, self.started, self.error = meter, platform, started, error
+        self.replayed = replayed
         self.parts: list[bytes] = []
         self.size = 0
         self.done = False
@@ -167,6 +170,7 @@ class _Recorder:
             error=self.error,
             prompt_tokens=prompt,
             completion_tokens=completion,
+            replayed=self.replayed,
         )
 
 
@@ -236,6 +240,15 @@ class _Steps:
             return None
 
 
+def _no_recording(error: Exception) -> None:
+    """Fail the test with vcrpy's explanation of the closest mismatch: as an outcome, which
+    openai does not catch, retry and turn into a bare "Connection error"."""
+    import pytest
+
+    message = f"no recording answers this request (replaying cassettes): {error}"
+    raise pytest.fail.Exception(message, pytrace=False) from None
+
+
 class PlatformTransport:
     """Wraps the HTTP library's transport: metering, re-wake on a cold endpoint, fail fast.
 
@@ -273,6 +286,9 @@ class PlatformTransport:
                     continue
                 raise self._fail(started, error) from error
             except Exception as error:  # PlatformDown included
+                if type(error).__name__ == "CannotOverwriteExistingCassetteException":
+                    self._fail(started, error)
+                    _no_recording(error)
                 raise self._fail(started, error) from error
             if (
                 response.status_code in REWAKE_STATUSES
@@ -305,8 +321,11 @@ class PlatformTransport:
                 self._hops.clear()
             self._hops[str(request.url.join(location))] = started
             return response
+        # vcrpy answers from a cassette with a response built from the recording: it carries
+        # no HTTP version, which every response read off the network has.
+        replayed = "http_version" not in response.extensions
         recorder = _Recorder(
-            self.meter, self.endpoint.platform, started, error=response.status_code >= 400
+            self.meter, self.endpoint.platform, started, response.status_code >= 400, replayed
         )
         response.stream = stream_type(response.stream, recorder)
         return response

@@ -8,13 +8,13 @@ import of this module, `settings` and `platforms`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import settings as settings_module
 from .errors import ConfigError
-from .runtime import CLIENT_FIXTURES, Runtime
+from .runtime import CLIENT_FIXTURES, LLM_FIXTURES, Runtime
 
 if TYPE_CHECKING:
     import openai
@@ -93,12 +93,45 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip LLM tests without a platform, on other platforms, or lacking a capability."""
+    """Skip LLM tests without a platform, on other platforms, or lacking a capability; with
+    `--record-mode`, give LLM tests pytest-recording's `vcr` marker."""
     runtime = _runtime(config)
     for item in items:
         reason = runtime.skip_reason(item)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+    from .recording import mark, record_mode
+
+    if record_mode(config):
+        mark(items, LLM_FIXTURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_recording_configure(config: pytest.Config, vcr: Any) -> None:
+    """pytest-recording: the cassette defaults LLM traffic needs (secrets filtered, matching
+    on method, path and JSON body, the plugin's probes left out)."""
+    from .recording import configure_vcr
+
+    runtime = config.stash.get(RUNTIME, None)
+    ready = runtime.ready.values() if runtime is not None else ()
+    configure_vcr(vcr, {name for platform in ready for name in platform.endpoint.headers})
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """While recording, keep the endpoint a test talked to beside its cassettes."""
+    from .recording import record_mode, remember
+
+    runtime = _runtime(item.config)
+    cassettes = getattr(item, "funcargs", {}).get("vcr_cassette_dir")
+    uses_llm = set(getattr(item, "fixturenames", ())) & LLM_FIXTURES
+    if not uses_llm or cassettes is None or record_mode(item.config) in (None, "none"):
+        return
+    callspec = getattr(item, "callspec", None)
+    name = callspec.params.get("vllm_platform") if callspec is not None else None
+    for platform in [name] if name else runtime.selected:
+        if platform in runtime.ready and (cassettes, platform) not in runtime.remembered:
+            runtime.remembered.add((cassettes, platform))
+            remember(cassettes, runtime.ready[platform].endpoint)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     import httpx
 
 CONNECT_TIMEOUT = 10.0
+# Marks the plugin's own requests (wake, keep-alive, re-wake): a recording leaves them out.
+PROBE_HEADER = "X-Modal-Vllm-Probe"
 
 
 def root_of(base_url: str) -> str:
@@ -47,7 +49,9 @@ def get(client: httpx.Client, url: str, timeout: float) -> Answer:
 
     try:
         response = client.get(
-            url, timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout))
+            url,
+            headers={PROBE_HEADER: "1"},
+            timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
         )
     except httpx.HTTPError as error:
         return Answer(error=error)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,15 +32,20 @@ class Controller:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Before collection: resolve, start and wake the selected platforms."""
         from .platforms import select
+        from .recording import replaying
         from .resolution import resolve_platforms
-        from .session import EndpointSession
+        from .session import EndpointSession, replay
         from .settings import apply_env_file
 
         runtime, config = self.runtime, session.config
         settings = runtime.settings
         try:
             apply_env_file(settings.env_file_values)
-            platforms = resolve_platforms(select(runtime.known(), runtime.selected), settings)
+            selected = select(runtime.known(), runtime.selected)
+            if replaying(config):
+                runtime.ready, runtime.replay = replay(selected, _test_paths(config)), True
+                return  # answered from cassettes: nothing is started, woken or contacted
+            platforms = resolve_platforms(selected, settings)
             runtime.session = EndpointSession(platforms, no_wake=bool(settings["no_wake"]))
         except ConfigError as error:
             raise pytest.UsageError(str(error)) from None
@@ -78,6 +84,8 @@ class Controller:
         from .resolution import Setting
 
         runtime = self.runtime
+        if runtime.replay:
+            return [f"vllm: {name} replayed from cassettes" for name in runtime.selected]
         lines = [
             header_line(runtime.ready[name].endpoint)
             for name in runtime.selected
@@ -157,6 +165,12 @@ class Worker:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Hand this worker's usage counters to the controller."""
         session.config.workeroutput[WORKEROUTPUT_KEY] = self.runtime.meter.snapshot()  # type: ignore[attr-defined]
+
+
+def _test_paths(config: pytest.Config) -> list[Path]:
+    """Where this run's tests are (their cassettes are beside them)."""
+    base = Path(config.invocation_params.dir)
+    return [base / arg.split("::", 1)[0] for arg in config.args] or [config.rootpath]
 
 
 def _tell(config: pytest.Config, notes: list[str]) -> None:

@@ -48,6 +48,10 @@ class Runtime:
     meter: UsageMeter = field(default_factory=UsageMeter)
     session: EndpointSession | None = None
     factories: dict[str, ClientFactory] = field(default_factory=dict)
+    # `--record-mode=none`: the ready platforms are the recorded endpoints, nothing started.
+    replay: bool = False
+    # (cassette directory, platform) pairs whose endpoint this process has recorded.
+    remembered: set[tuple[str, str]] = field(default_factory=set)
     _capabilities: dict[str, tuple[str, ...]] | None = None
     _known: dict[str, Platform] | None = None
 
@@ -152,6 +156,7 @@ class Runtime:
             "ready": {name: ready.to_dict() for name, ready in self.ready.items()},
             "unavailable": dict(self.unavailable),
             "capabilities": {name: list(caps) for name, caps in self.capabilities.items()},
+            "replay": self.replay,
         }
 
     def load_workerinput(self, data: Mapping[str, Any]) -> None:
@@ -161,6 +166,7 @@ class Runtime:
         self.ready = {name: ReadyPlatform.from_dict(d) for name, d in data["ready"].items()}
         self.unavailable = dict(data["unavailable"])
         self._capabilities = {name: tuple(caps) for name, caps in data["capabilities"].items()}
+        self.replay = bool(data["replay"])
 
     # ------------------------------------------------------------------ reports
 
@@ -176,8 +182,9 @@ class Runtime:
                         "name": name,
                         "base_url": endpoint.base_url,
                         "model": endpoint.model,
-                        "wake_seconds": endpoint.wake_seconds,
-                        "cold": endpoint.cold,
+                        "wake_seconds": None if self.replay else endpoint.wake_seconds,
+                        "cold": None if self.replay else endpoint.cold,
+                        "replay": self.replay,
                     }
                 )
             else:

@@ -21,6 +21,7 @@ from typing import Any
 from .endpoint import Endpoint
 from .errors import DefinitionError, PlatformError, SettingUnreadable
 from .keepalive import AutoscalerKeepAlive, KeepAlive, PingKeepAlive
+from .platforms import Platform
 from .providers import make_provider
 from .providers.base import Provider
 from .providers.process import ProcessWatch
@@ -29,6 +30,8 @@ from .wake import Waker, WakeRequest, WakeResult, WakeState, wake_all
 
 # --vllm-no-wake with no model set: how long the one look for the served model may take.
 NO_WAKE_TIMEOUT = 10.0
+# Replays have nothing to wake: a request that reaches the network finds it gone at once.
+REPLAY_WAKE_TIMEOUT = 1.0
 
 
 @dataclass
@@ -80,6 +83,23 @@ class ReadyPlatform:
         wake = WakeRequest(**data["wake"], failure=watch or (lambda: None))
         client = ClientOptions(**data["client"])
         return cls(Endpoint.from_dict(data["endpoint"]), client, wake, watch)
+
+
+def replay(platforms: Sequence[Platform], paths: Sequence[Path]) -> dict[str, ReadyPlatform]:
+    """The platforms as recorded beside the cassettes under `paths` (`--record-mode=none`):
+    nothing is resolved, started or woken, so no credential or variable is needed."""
+    from .recording import recorded_endpoints
+
+    endpoints = recorded_endpoints(paths, [platform.name for platform in platforms])
+    return {
+        platform.name: ReadyPlatform(
+            endpoints[platform.name],
+            ClientOptions.from_table(platform.client),
+            # A cassette answers, or the test fails saying why; nothing wakes.
+            WakeRequest(platform.name, endpoints[platform.name].base_url, REPLAY_WAKE_TIMEOUT),
+        )
+        for platform in platforms
+    }
 
 
 class EndpointSession:

@@ -23,6 +23,8 @@ class PlatformUsage:
 
     requests: int = 0
     errors: int = 0
+    # Answered from a cassette (`--record-mode`), not by the endpoint.
+    replayed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latencies_ms: list[float] = field(default_factory=list)
@@ -32,6 +34,7 @@ class PlatformUsage:
         return {
             "requests": self.requests,
             "errors": self.errors,
+            "replayed": self.replayed,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "latencies_ms": list(self.latencies_ms),
@@ -53,12 +56,14 @@ class UsageMeter:
         error: bool,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        replayed: bool = False,
     ) -> None:
         """Count one request."""
         with self._lock:
             usage = self.platforms.setdefault(platform, PlatformUsage())
             usage.requests += 1
             usage.errors += int(error)
+            usage.replayed += int(replayed)
             usage.prompt_tokens += prompt_tokens
             usage.completion_tokens += completion_tokens
             usage.latencies_ms.append(latency_ms)
@@ -75,6 +80,7 @@ class UsageMeter:
                 usage = self.platforms.setdefault(name, PlatformUsage())
                 usage.requests += int(other.get("requests", 0))
                 usage.errors += int(other.get("errors", 0))
+                usage.replayed += int(other.get("replayed", 0))
                 usage.prompt_tokens += int(other.get("prompt_tokens", 0))
                 usage.completion_tokens += int(other.get("completion_tokens", 0))
                 usage.latencies_ms.extend(float(v) for v in other.get("latencies_ms", ()))
@@ -118,6 +124,7 @@ def report_rows(
             "cold": info.get("cold"),
             "requests": counts["requests"],
             "errors": counts["errors"],
+            "replayed": counts["replayed"],
             "prompt_tokens": counts["prompt_tokens"],
             "completion_tokens": counts["completion_tokens"],
             "latency_ms": {
@@ -129,6 +136,8 @@ def report_rows(
         }
         if info.get("error"):
             row["error"] = info["error"]
+        if info.get("replay"):
+            row["replay"] = True  # answered from cassettes: no wake, no endpoint
         rows.append(row)
     return rows
 
@@ -149,6 +158,7 @@ _COLUMNS = (
     "platform",
     "requests",
     "errors",
+    "replayed",
     "prompt tok",
     "compl tok",
     "p50 ms",
@@ -167,11 +177,14 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
 
     wake = row.get("wake_seconds")
     wake_text = "-" if wake is None else f"{wake:.1f}" + (" cold" if row.get("cold") else "")
+    if row.get("replay"):
+        wake_text = "replay"
     latency = row["latency_ms"]
     return [
         str(row["name"]),
         fmt(row["requests"]),
         fmt(row["errors"]),
+        fmt(row["replayed"]),
         fmt(row["prompt_tokens"]),
         fmt(row["completion_tokens"]),
         fmt(latency["p50"]),

@@ -21,6 +21,13 @@ from typing import Any
 # classes and break httpx's error mapping for later tests. Import them once, up front.
 import httpcore  # noqa: F401
 import httpcore2  # noqa: F401
+
+# The same for the clients, for another reason: with a platform selected, the plugin imports
+# openai and langchain in a background thread while the wake waits. In an in-process run that
+# thread can still be importing when pytester restores sys.modules, leaving a half-imported
+# pydantic behind ("cannot import name 'BaseModel' from 'pydantic.v1'" in a later test).
+import langchain_openai  # noqa: F401
+import openai  # noqa: F401
 import pytest
 from modal_emulator import EmulatorBehaviour, ModalEmulator
 from stub_helpers import close_clients

@@ -95,7 +95,7 @@ def test_a_followed_redirect_is_one_request(endpoint_server: Callable[..., Modal
 
 def test_the_body_cap_keeps_the_tail_where_the_usage_is() -> None:
     meter = UsageMeter()
-    recorder = _Recorder(meter, "p", 0.0, error=False)
+    recorder = _Recorder(meter, "p", 0.0, False, False)
     filler = b"data: " + b"x" * 65536 + b"\n\n"
     for _ in range(BODY_CAP // len(filler) + 2):
         recorder.add(filler)

@@ -70,6 +70,7 @@ def test_report_rows_have_the_documented_shape() -> None:
         "cold": True,
         "requests": 3,
         "errors": 1,
+        "replayed": 0,
         "prompt_tokens": 9,
         "completion_tokens": 6,
         "latency_ms": {"p50": 200.0, "p95": 300.0, "max": 300.0},
@@ -87,15 +88,17 @@ def test_json_report_round_trips(tmp_path: Path) -> None:
 def test_terminal_table_and_markdown_text() -> None:
     lines = table_lines(rows())
     assert lines[0].split() == [
-        "platform", "requests", "errors", "prompt", "tok", "compl", "tok",
+        "platform", "requests", "errors", "replayed", "prompt", "tok", "compl", "tok",
         "p50", "ms", "p95", "ms", "max", "ms", "wake", "s", "pings",
     ]  # fmt: skip
-    assert lines[1].split() == ["p", "3", "1", "9", "6", "200", "300", "300", "12.3", "cold", "4"]
+    assert lines[1].split() == [
+        "p", "3", "1", "0", "9", "6", "200", "300", "300", "12.3", "cold", "4"
+    ]  # fmt: skip
     assert lines[2].split()[0] == "gone" and "unavailable" in lines[2]
     assert len({len(line.rstrip()) for line in lines[:2]}) == 1  # aligned columns
     text = markdown(rows())
     assert text.startswith("### vllm usage\n\n| platform | requests |")
-    assert "| p | 3 | 1 | 9 | 6 | 200 | 300 | 300 | 12.3 cold | 4 |" in text
+    assert "| p | 3 | 1 | 0 | 9 | 6 | 200 | 300 | 300 | 12.3 cold | 4 |" in text
 
 
 def test_header_and_settings_lines() -> None:
