@@ -10,6 +10,7 @@ project's pyproject.toml.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -78,6 +79,25 @@ def stub_command(*extra: str) -> list[str]:
         "{model}",
         *extra,
     ]
+
+
+def netns_prefix() -> list[str]:
+    """`unshare -n`: a network namespace with nothing in it (loopback down). The replays run
+    there when the machine allows it (root, util-linux); elsewhere without it."""
+    if shutil.which("unshare") is None:
+        return []
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    return ["unshare", "-n", "--"] if probe.returncode == 0 else []
+
+
+def outcomes(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """test id -> PASSED/FAILED/..., from the `-rA` summary."""
+    found = {}
+    for line in result.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
+            found[rest.split(" ", 1)[0]] = word
+    return found
 
 
 def processes_with(token: str) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, PROXY_KEY, PROXY_SECRET, SECRETS, platforms_toml
+from conftest import (
+    API_KEY,
+    PROXY_KEY,
+    PROXY_SECRET,
+    SECRETS,
+    netns_prefix,
+    outcomes,
+    platforms_toml,
+)
 from modal_emulator import ModalEmulator
 
 TESTS = Path(__file__).resolve().parent
@@ -60,15 +67,6 @@ def test_no_llm():
 '''
 
 
-def netns_prefix() -> list[str]:
-    """`unshare -n`: a network namespace with nothing in it (loopback down). The replays run
-    there when the machine allows it (root, util-linux); elsewhere without it."""
-    if shutil.which("unshare") is None:
-        return []
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
-    return ["unshare", "-n", "--"] if probe.returncode == 0 else []
-
-
 class Project:
     """A test project in a directory of its own, run with pytest in subprocesses."""
 
@@ -88,16 +86,6 @@ class Project:
 
     def cassette_text(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.path.rglob("cassettes/**/*.yaml")))
-
-
-def outcomes(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
-    """test id -> PASSED/FAILED/..., from the `-rA` summary."""
-    found = {}
-    for line in result.stdout.splitlines():
-        word, _, rest = line.partition(" ")
-        if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
-            found[rest.split(" ", 1)[0]] = word
-    return found
 
 
 @pytest.fixture
