@@ -15,9 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import client_overhead
+import cold_start_budget
 import concurrent_wake
 import gpu_cost
 import idle_overhead
+import record_replay
+import shared_app
 import vllm_cpu
 import wake_lag
 
@@ -104,6 +107,32 @@ def main() -> None:
                 "(scaled to minutes)",
             )
         )
+    matrix = shared_app.main()
+    for strategy, outcome in matrix.items():
+        rows.append(
+            (
+                f"4-job matrix on one Modal app (emulator), {strategy}",
+                f"{shared_app.JOBS} pytest processes, {shared_app.TESTS_PER_JOB} tests, "
+                f"gaps {shared_app.GAP:g} > window {shared_app.WINDOW:g}, cold start "
+                f"{shared_app.COLD_START:g}; 1 s stands for 1 min",
+                f"{outcome['cold_starts']} cold starts, billed {outcome['billed_s']:.1f} s "
+                f"({outcome['jobs_passed']}/{shared_app.JOBS} jobs passed)",
+                f"ratio to shared leases (autoscaler) "
+                f"**{outcome['billed_s'] / matrix['shared leases (autoscaler)']['billed_s']:.2f}**",
+            )
+        )
+    replay = record_replay.main()
+    rows.append(
+        (
+            "Example suite on `local`, live vs replayed from cassettes",
+            "one live run, one recording, one replay (`--record-mode=none`) of a copy of "
+            "examples/",
+            f"live {replay['live_wall_s']:.1f} s (a model server ran ~{replay['live_server_s']:.0f}"
+            f" s), replay {replay['replay_wall_s']:.1f} s (no server, "
+            f"{replay['replayed_requests']}/{replay['requests']} requests replayed)",
+            f"ratio **{replay['ratio']:.1f}x** faster; same outcome: {replay['same_outcome']}",
+        )
+    )
     real = vllm_cpu.main()
     rows.append(
         (
@@ -128,6 +157,7 @@ def main() -> None:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     lines += ["", f"Commit: `{git.stdout.strip() or 'unknown'}`.", ""]
+    lines += ["", cold_start_budget.markdown().rstrip(), ""]
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text("\n".join(lines))
     print(DOC.read_text())
