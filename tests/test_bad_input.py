@@ -333,6 +333,19 @@ BAD_INPUTS: list[BadInput] = [
              "field 'cold_start' must be 0 or more seconds",
              pyproject("fake", 'kind = "stub"\ncold_start = -1'), ("--vllm-platform=fake",),
              platform="fake"),
+    # ------------------------------------------------------------------ this wave's settings
+    BadInput("replay-without-recordings", "command line", EXIT_CONFIG,
+             "--record-mode=none replays cassettes, but none was recorded on this platform",
+             args=("--vllm-platform=stub", "--record-mode=none"), platform="stub",
+             also=("pytest --vllm-platform=stub --record-mode=once",)),
+    BadInput("fast-scaledown-not-bool", "pyproject.toml", EXIT_CONFIG,
+             "field 'fast_scaledown' must be true or false",
+             pyproject("m", 'kind = "modal"\napp = "a"\nfast_scaledown = "no"'),
+             ("--vllm-platform=m",), platform="m"),
+    BadInput("snapshot-on-a-url-platform", "pyproject.toml", EXIT_CONFIG,
+             "field 'snapshot' does not apply to kind 'url'",
+             pyproject("gpu", URL_OK + "snapshot = true"), ("--vllm-platform=gpu",),
+             platform="gpu"),
 ]
 # fmt: on
 
