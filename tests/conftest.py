@@ -9,12 +9,14 @@ project's pyproject.toml.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 # httpx/httpx2 import httpcore/httpcore2 lazily; in-process pytester runs restore sys.modules
@@ -98,6 +100,46 @@ def outcomes(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
         if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
             found[rest.split(" ", 1)[0]] = word
     return found
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """Import a file as module `name`, once, without leaving it in sys.modules (the Modal
+    app's files: their modal objects are lazy, so no token or network is needed)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Read at import, before pytester points HOME at a temporary directory.
+VLLM_CPU_CACHE = os.environ.get("MODAL_VLLM_CACHE") or str(
+    Path.home() / ".cache" / "pytest-modal-vllm"
+)
+
+
+def require_vllm_cpu() -> None:
+    """The gate of the real vLLM CPU tier: skipped only under `MODAL_VLLM_SKIP_VLLM_CPU=1`
+    (the documented opt-out); otherwise a missing setup fails with the command to run."""
+    if os.environ.get("MODAL_VLLM_SKIP_VLLM_CPU") == "1":
+        pytest.skip("MODAL_VLLM_SKIP_VLLM_CPU=1: the real vLLM CPU tier is switched off")
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "setup_vllm_cpu.py"), "--check"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MODAL_VLLM_CACHE": VLLM_CPU_CACHE},
+    )
+    if check.returncode != 0:
+        pytest.fail(
+            "the vLLM CPU server is not set up: run `python scripts/setup_vllm_cpu.py` "
+            f"(about 3 minutes, cached afterwards)\n{check.stdout}{check.stderr}",
+            pytrace=False,
+        )
 
 
 def processes_with(token: str) -> list[int]:

@@ -6,7 +6,6 @@ without a token or network (plain web function, or the snapshot server)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,32 +15,18 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
 from typing import Any, ClassVar
 
 import pytest
+from conftest import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_FILE = ROOT / "modal_app" / "vllm_server.py"
 AUTH_FILE = ROOT / "modal_app" / "vllm_auth.py"
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    """Import a file of modal_app once (modal objects are lazy: no network)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
-
-
-vs = _load(APP_FILE, "vllm_server_under_test")
-auth = _load(AUTH_FILE, "vllm_auth_under_test")
+vs = load_module(APP_FILE, "vllm_server_under_test")
+auth = load_module(AUTH_FILE, "vllm_auth_under_test")
 
 
 def command(env: dict[str, str]) -> list[str]:

