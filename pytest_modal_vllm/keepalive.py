@@ -13,6 +13,7 @@ while this session is the one that pings; the pin is the lease book's.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -72,20 +73,23 @@ class PingKeepAlive:
         from .probe import check_health
 
         with httpx.Client(headers=self.headers, follow_redirects=True) as client:
-            while not self._stop.wait(self.interval):
+            # A fixed rate: the time a ping or a heartbeat takes does not push the next one
+            # later (a scale-down window is counted from the last request).
+            due = time.monotonic() + self.interval
+            while not self._stop.wait(max(0.0, due - time.monotonic())):
+                due = max(due + self.interval, time.monotonic())
+                if self.book is None or self.book.pinging:
+                    # A held ping would only delay the next one: give up after an interval.
+                    answer = check_health(self.root_url, {}, max(1.0, self.interval), client)
+                    if answer.error is None:
+                        self.pings += 1
+                    else:
+                        self.failures += 1
                 if self.book is not None:
                     try:
                         self.notes += self.book.heartbeat()
                     except PlatformError as error:  # Modal hiccup: the next beat tries again
                         self.notes.append(f"a lease heartbeat failed: {error.problem}")
-                    if not self.book.pinging:
-                        continue
-                # A held ping would only delay the next one: give up after an interval.
-                answer = check_health(self.root_url, {}, max(1.0, self.interval), client)
-                if answer.error is None:
-                    self.pings += 1
-                else:
-                    self.failures += 1
 
     def stop(self) -> None:
         """Stop the thread and wait for it (an in-flight ping is bounded by its timeout);
