@@ -39,7 +39,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
-    """`--vllm-list-platforms`: print every known platform and exit 0."""
+    """`--vllm-list-platforms`: print every known platform and exit 0.
+
+    First, exit 4 when a value of ours written after a space moved pytest's rootdir or ini file.
+    """
+    from .rootdir_trap import find_trap
+
+    trap = find_trap(config)
+    if trap is not None:
+        raise pytest.UsageError(str(trap))
     if not config.getoption("vllm_list_platforms"):
         return None
     from .platforms import load_platforms
