@@ -80,7 +80,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     runtime = config.stash[RUNTIME] = Runtime(settings=settings)
+    from .current import activate
     from .roles import Controller, Worker
+
+    activate(config, runtime)  # for current_endpoint(), outside fixtures
 
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
@@ -114,6 +117,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     runtime = config.stash.get(RUNTIME, None)
     if runtime is None:
         return
+    from .current import deactivate
+
+    deactivate(config)
     for factory in runtime.factories.values():
         factory.close()
     if runtime.session is not None:
