@@ -160,3 +160,9 @@ def chat_model_kwargs(name: str | None = None, **overrides: Any) -> dict[str, An
     cold start. `overrides` win."""
     runtime = current_runtime()
     return runtime.factory(current_platform(name)).chat_model_kwargs(**overrides)
+
+
+def current_capabilities(name: str | None = None) -> tuple[str, ...]:
+    """The `capabilities` of that platform (as declared in its definition)."""
+    runtime = current_runtime()
+    return runtime.capabilities.get(current_platform(name), ())
