@@ -6,7 +6,8 @@ while tests run and hands tests ready clients (`openai_client`, `chat_model`, ..
 
 from __future__ import annotations
 
+from .current import EndpointLookupError, current_endpoint
 from .endpoint import Endpoint
 
-__all__ = ["Endpoint", "__version__"]
+__all__ = ["Endpoint", "EndpointLookupError", "__version__", "current_endpoint"]
 __version__ = "0.1.0"

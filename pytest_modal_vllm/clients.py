@@ -450,6 +450,10 @@ class ClientFactory:
         """A `ChatOpenAI` with the platform's client defaults; `overrides` win."""
         from langchain_openai import ChatOpenAI
 
+        return ChatOpenAI(**self.chat_model_kwargs(**overrides))
+
+    def chat_model_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """The arguments of `chat_model` (fresh HTTP clients each call); `overrides` win."""
         options = self.options
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
@@ -464,7 +468,7 @@ class ClientFactory:
         if options.extra_body:
             kwargs["extra_body"] = dict(options.extra_body)
         kwargs.update(overrides)
-        return ChatOpenAI(**kwargs)
+        return kwargs
 
     def close(self) -> None:
         """Close the sync HTTP clients made so far."""

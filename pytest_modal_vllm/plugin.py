@@ -39,7 +39,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
-    """`--vllm-list-platforms`: print every known platform and exit 0."""
+    """`--vllm-list-platforms`: print every known platform and exit 0.
+
+    First, exit 4 when a value of ours written after a space moved pytest's rootdir or ini file.
+    """
+    from .rootdir_trap import find_trap
+
+    trap = find_trap(config)
+    if trap is not None:
+        raise pytest.UsageError(str(trap))
     if not config.getoption("vllm_list_platforms"):
         return None
     from .platforms import load_platforms
@@ -72,7 +80,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     runtime = config.stash[RUNTIME] = Runtime(settings=settings)
+    from .current import activate
     from .roles import Controller, Worker
+
+    activate(config, runtime)  # for current_endpoint(), outside fixtures
 
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
@@ -139,6 +150,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     runtime = config.stash.get(RUNTIME, None)
     if runtime is None:
         return
+    from .current import deactivate
+
+    deactivate(config)
     for factory in runtime.factories.values():
         factory.close()
     if runtime.session is not None:

@@ -31,6 +31,8 @@ class Controller:
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Before collection: resolve, start and wake the selected platforms."""
+        from .exports import check as check_export
+        from .exports import export
         from .platforms import select
         from .recording import replaying
         from .resolution import resolve_platforms
@@ -40,6 +42,7 @@ class Controller:
         runtime, config = self.runtime, session.config
         settings = runtime.settings
         try:
+            check_export(settings)
             apply_env_file(settings.env_file_values)
             selected = select(runtime.known(), runtime.selected)
             if replaying(config):
@@ -77,6 +80,8 @@ class Controller:
             _tell(config, runtime.session.notes)
         runtime.ready = runtime.session.ready()
         runtime.unavailable = {name: str(err) for name, err in runtime.session.errors.items()}
+        # Before xdist starts its workers (its sessionstart is trylast): they inherit these.
+        export(config, settings, {name: ready.endpoint for name, ready in runtime.ready.items()})
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         """One line per woken platform, plus where each effective setting came from."""

@@ -30,6 +30,16 @@ UNAVAILABLE_MODES = ("fail", "skip")
 INI_UNSET = "<unset>"
 
 
+def yes_no(text: str) -> bool:
+    """Parse an on/off value from the environment or ini (`1`/`0`, `true`/`false`, ...)."""
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of 1, 0, true, false, yes, no, on, off")
+
+
 def positive_seconds(text: str) -> float:
     """Parse a positive number of seconds (argparse `type=`)."""
     try:
@@ -57,6 +67,8 @@ class Option:
     metavar: str | None = None
     # The value when no source gives one (flags: False).
     default: Any = None
+    # The fix named when an environment or ini value does not parse.
+    hint: str = "set it to a positive number, e.g. 600"
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -137,6 +149,17 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "export_env",
+        "--vllm-export-env",
+        "export the selected platform as OPENAI_BASE_URL, OPENAI_API_BASE, OPENAI_API_KEY and "
+        "OPENAI_MODEL for this session, for code that builds its own clients (one platform only)",
+        ini="vllm_export_env",
+        env="MODAL_VLLM_EXPORT_ENV",
+        is_flag=True,
+        parse=yes_no,
+        hint="set it to 1 or 0 (or true/false)",
+    ),
+    Option(
         "list_platforms",
         "--vllm-list-platforms",
         "print every known platform (name, kind, source, model, target) and exit",
@@ -154,7 +177,11 @@ def add_options(parser: pytest.Parser) -> None:
         dest = f"vllm_{option.dest}"
         if option.is_flag:
             group.addoption(
-                option.flag, action="store_true", default=False, dest=dest, help=option.help
+                option.flag,
+                action="store_true",
+                default=False,
+                dest=dest,
+                help=option.help + (f" (env {option.env}=1)" if option.env else ""),
             )
         else:
             group.addoption(
@@ -216,9 +243,7 @@ def _from_text(option: Option, text: str, where: str) -> Any:
         try:
             return option.parse(text)
         except argparse.ArgumentTypeError as error:
-            raise ConfigError(
-                f"{where}: {error}", "set it to a positive number, e.g. 600"
-            ) from None
+            raise ConfigError(f"{where}: {error}", option.hint) from None
     return text
 
 
@@ -238,7 +263,9 @@ def resolve(
     sources: dict[str, str] = {}
     for option in OPTIONS:
         given = cli.get(option.dest)
-        if option.is_flag:
+        if option.is_flag and not given and (option.env or option.ini):
+            given = None  # a flag not given: its variable or ini key may still turn it on
+        elif option.is_flag:
             values[option.dest], sources[option.dest] = (
                 bool(given),
                 ("command line" if given else "default"),

@@ -346,6 +346,21 @@ BAD_INPUTS: list[BadInput] = [
              "field 'snapshot' does not apply to kind 'url'",
              pyproject("gpu", URL_OK + "snapshot = true"), ("--vllm-platform=gpu",),
              platform="gpu"),
+    # ------------------------------------------------------------------ the rootdir trap
+    BadInput("option-value-after-a-space", "command line", EXIT_CONFIG,
+             "`--vllm-config other/platforms.toml` is written with a space",
+             {"other/pyproject.toml": "[tool.pytest.ini_options]\n",
+              "other/platforms.toml": '[platforms.x]\nkind = "stub"\n'},
+             ("--vllm-config", "other/platforms.toml", "--vllm-platform=x"),
+             also=("Fix: write --vllm-config=other/platforms.toml (with '=')",)),
+    # ------------------------------------------------------------------ --vllm-export-env
+    BadInput("export-env-several-platforms", "command line", EXIT_CONFIG,
+             "2 platforms are selected (stub, local)",
+             args=("--vllm-platform=stub,local", "--vllm-export-env"),
+             also=("current_endpoint()",)),
+    BadInput("env-export-env-invalid", "environment", EXIT_CONFIG,
+             "environment variable MODAL_VLLM_EXPORT_ENV: 'maybe' is not one of 1, 0",
+             args=STUB, env={"MODAL_VLLM_EXPORT_ENV": "maybe"}),
 ]
 # fmt: on
 
