@@ -19,6 +19,7 @@ import cold_start_budget
 import concurrent_wake
 import gpu_cost
 import idle_overhead
+import langchain_standard
 import record_replay
 import shared_app
 import vllm_cpu
@@ -144,6 +145,17 @@ def main() -> None:
             "(includes its /v1/models check)",
         )
     )
+    standard = langchain_standard.main()
+    rows.append(
+        (
+            "LangChain `ChatModelIntegrationTests` on the real vLLM CPU server",
+            "recipe and a hand-configured `ChatOpenAI` in one session, same server",
+            f"recipe {standard['recipe']['passed']} passed, {standard['recipe']['failed']} failed, "
+            f"{standard['recipe']['skipped']} skipped",
+            f"by hand {standard['hand']['passed']} passed, {standard['hand']['failed']} failed, "
+            f"{standard['hand']['skipped']} skipped",
+        )
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -155,6 +167,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += ["", langchain_standard.markdown(standard)]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     lines += ["", f"Commit: `{git.stdout.strip() or 'unknown'}`.", ""]
     lines += ["", cold_start_budget.markdown().rstrip(), ""]

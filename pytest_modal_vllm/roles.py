@@ -45,9 +45,10 @@ class Controller:
             check_export(settings)
             apply_env_file(settings.env_file_values)
             selected = select(runtime.known(), runtime.selected)
-            if replaying(config):
+            if replaying(config):  # answered from cassettes: nothing started, woken or contacted
                 runtime.ready, runtime.replay = replay(selected, _test_paths(config)), True
-                return  # answered from cassettes: nothing is started, woken or contacted
+                export(config, settings, {n: r.endpoint for n, r in runtime.ready.items()})
+                return
             platforms = resolve_platforms(selected, settings)
             runtime.session = EndpointSession(platforms, no_wake=bool(settings["no_wake"]))
         except ConfigError as error:
