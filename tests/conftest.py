@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -178,6 +179,18 @@ def _clean_plugin_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # Never let a test reach Modal's cloud with real or fake credentials.
     monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
     monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A base URL on 127.0.0.1 whose connections are refused for the whole test.
+
+    The port stays bound (never listening) until teardown: a port merely closed again can be
+    taken by another test's server under xdist, which then answers instead of refusing.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ Python, `@TOKEN@` a unique marker put on any command line a case starts (to find
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import uuid
@@ -383,13 +382,6 @@ def _non_daemon_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if not t.daemon}
 
 
-def _dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"  # closed again: connections are refused
-
-
 # ---------------------------------------------------------------------------- the matrix
 
 
@@ -411,10 +403,14 @@ def test_matrix_is_well_formed() -> None:
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[case.id for case in BAD_INPUTS])
 def test_bad_input(
-    case: BadInput, pytester: pytest.Pytester, endpoint_server: Any, monkeypatch: pytest.MonkeyPatch
+    case: BadInput,
+    pytester: pytest.Pytester,
+    endpoint_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    refused_url: str,
 ) -> None:
     token = f"vllm-bad-input-{uuid.uuid4().hex[:12]}"
-    subs = {"@PY@": sys.executable, "@TOKEN@": token, "@DEAD@": _dead_url()}
+    subs = {"@PY@": sys.executable, "@TOKEN@": token, "@DEAD@": refused_url}
     if case.server is not None:
         server = endpoint_server(**case.server)
         subs.update({"@URL@": server.base_url, "@ROOT@": server.root_url})

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,12 +32,6 @@ def project(tmp_path: Path, platforms: dict[str, dict[str, Any]]) -> Path:
         '[project]\nname = "demo"\n\n' + platforms_toml(platforms, "tool.modal-vllm.platforms")
     )
     return tmp_path
-
-
-def dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 def stub_process_platform(token: str) -> dict[str, Any]:
@@ -289,9 +282,9 @@ def test_serve_refuses_a_url_platform(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- status
 
 
-def test_status_of_url_platforms(tmp_path: Path, endpoint_server) -> None:
+def test_status_of_url_platforms(tmp_path: Path, endpoint_server, refused_url: str) -> None:
     server = endpoint_server()
-    dead = dead_url()
+    dead = refused_url
     project(
         tmp_path,
         {

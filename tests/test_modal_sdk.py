@@ -421,7 +421,9 @@ def test_locate_a_server_uses_get_url(monkeypatch: pytest.MonkeyPatch) -> None:
         return "https://w--app-srv.modal.run"
 
     monkeypatch.setattr(modal.Server, "get_url", get_url)
-    assert ModalSDK().locate(ModalTarget("app", None, "Srv", "dev")) == "https://w--app-srv.modal.run"
+    assert (
+        ModalSDK().locate(ModalTarget("app", None, "Srv", "dev")) == "https://w--app-srv.modal.run"
+    )
     assert seen == ["Server"]
 
 

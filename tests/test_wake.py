@@ -106,20 +106,14 @@ def test_classify_other_client_errors_are_config_errors_with_the_body() -> None:
     assert outcome.fix
 
 
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _error_of(url: str, **kwargs: Any) -> httpx.HTTPError:
     with pytest.raises(httpx.HTTPError) as info:
         httpx.get(url, **kwargs)
     return info.value
 
 
-def test_classify_connection_refused_is_not_ready() -> None:
-    error = _error_of(f"http://127.0.0.1:{_dead_port()}/health")  # a real refusal
+def test_classify_connection_refused_is_not_ready(refused_url: str) -> None:
+    error = _error_of(f"{refused_url.removesuffix('/v1')}/health")  # a real refusal
     outcome = classify("health", None, error=error)
     assert outcome == Outcome(Verdict.NOT_READY, "connection refused")
 
@@ -253,8 +247,8 @@ def test_hung_health_fails_at_the_deadline_not_later(endpoint_server) -> None:
     assert 0.9 <= seconds < 2.0
 
 
-def test_refused_forever_fails_at_the_deadline() -> None:
-    error, seconds = timed(Waker(request(f"http://127.0.0.1:{_dead_port()}/v1", 1.0)).run)
+def test_refused_forever_fails_at_the_deadline(refused_url: str) -> None:
+    error, seconds = timed(Waker(request(refused_url, 1.0)).run)
     assert isinstance(error, UnavailableError)
     assert "(last answer: connection refused)" in str(error)
     assert seconds < 2.0
