@@ -56,7 +56,6 @@ class FakeModalFiles:
         if deployed is not None:
             self.monkeypatch.setenv("FAKE_MODAL_DEPLOYED", deployed)
 
-
     def calls(self) -> list[dict[str, Any]]:
         return read_calls(self.calls_path)
 

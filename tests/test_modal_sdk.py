@@ -200,7 +200,7 @@ def test_no_credentials_give_the_auth_hint_at_once_without_network(tmp_path: Pat
 
 
 def _raise(exc: BaseException, *, lookup: bool = True) -> None:
-    with modal_sdk._modal_errors("looking up", ModalTarget("a"), lookup=lookup):
+    with modal_sdk.modal_errors("looking up", ModalTarget("a"), lookup=lookup):
         raise exc
 
 
@@ -421,7 +421,9 @@ def test_locate_a_server_uses_get_url(monkeypatch: pytest.MonkeyPatch) -> None:
         return "https://w--app-srv.modal.run"
 
     monkeypatch.setattr(modal.Server, "get_url", get_url)
-    assert ModalSDK().locate(ModalTarget("app", None, "Srv", "dev")) == "https://w--app-srv.modal.run"
+    assert (
+        ModalSDK().locate(ModalTarget("app", None, "Srv", "dev")) == "https://w--app-srv.modal.run"
+    )
     assert seen == ["Server"]
 
 

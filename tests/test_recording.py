@@ -28,7 +28,7 @@ TESTS = Path(__file__).resolve().parent
 # Plugins these runs do not need (langsmith's alone costs seconds of imports).
 QUIET = ("-p", "no:cacheprovider", "-p", "no:langsmith_plugin", "-p", "no:anyio")
 
-SUITE = '''
+SUITE = """
 import asyncio
 import time
 
@@ -64,7 +64,7 @@ def test_async(async_openai_client, vllm_endpoint):
 
 def test_no_llm():
     assert True
-'''
+"""
 
 
 class Project:
