@@ -126,8 +126,7 @@ def main() -> None:
     rows.append(
         (
             "Example suite on `local`, live vs replayed from cassettes",
-            "one live run, one recording, one replay (`--record-mode=none`) of a copy of "
-            "examples/",
+            "one live run, one recording, one replay (`--record-mode=none`) of a copy of examples/",
             f"live {replay['live_wall_s']:.1f} s (a model server ran ~{replay['live_server_s']:.0f}"
             f" s), replay {replay['replay_wall_s']:.1f} s (no server, "
             f"{replay['replayed_requests']}/{replay['requests']} requests replayed)",

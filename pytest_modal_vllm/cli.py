@@ -232,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("name")
     which = release.add_mutually_exclusive_group()
-    which.add_argument(
-        "--expired", action="store_true", help="only expired leases (the default)"
-    )
+    which.add_argument("--expired", action="store_true", help="only expired leases (the default)")
     which.add_argument("--all", action="store_true", help="every lease, live ones included")
     release.set_defaults(run=cmd_release)
     for name, helptext, run in (

@@ -148,9 +148,7 @@ class Controller:
         for line in table_lines(self._rows()):
             terminalreporter.write_line(line)
         if self.runtime.settings["report"]:
-            terminalreporter.write_line(
-                f"vllm report written to {self.runtime.settings['report']}"
-            )
+            terminalreporter.write_line(f"vllm report written to {self.runtime.settings['report']}")
 
     def _rows(self) -> list[dict[str, Any]]:
         from .usage import report_rows

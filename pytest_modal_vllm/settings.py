@@ -338,9 +338,7 @@ def apply_env_file(values: Mapping[str, str]) -> list[str]:
     return added
 
 
-def load(
-    cli: Mapping[str, Any], ini: Mapping[str, Any], rootdir: Path | None = None
-) -> Settings:
+def load(cli: Mapping[str, Any], ini: Mapping[str, Any], rootdir: Path | None = None) -> Settings:
     """Resolve the settings of a run, reading the .env file first (without applying it).
 
     `cli` maps option dest -> value or None; `ini` maps ini key -> raw value or None.

@@ -82,11 +82,11 @@ class FakeModal:
         if method == call:
             from modal import exception as mx
 
-            from pytest_modal_vllm.modal_sdk import _modal_errors
+            from pytest_modal_vllm.modal_sdk import modal_errors
 
             error = getattr(mx, name)
             args = (f"fake Modal: {name}", "im-fake") if name == "ImageBuildError" else ()
-            with _modal_errors(call, ModalTarget("my-app"), lookup=False):
+            with modal_errors(call, ModalTarget("my-app"), lookup=False):
                 raise error(*args) if args else error(f"fake Modal: {name}")
 
     @staticmethod

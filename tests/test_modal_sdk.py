@@ -200,7 +200,7 @@ def test_no_credentials_give_the_auth_hint_at_once_without_network(tmp_path: Pat
 
 
 def _raise(exc: BaseException, *, lookup: bool = True) -> None:
-    with modal_sdk._modal_errors("looking up", ModalTarget("a"), lookup=lookup):
+    with modal_sdk.modal_errors("looking up", ModalTarget("a"), lookup=lookup):
         raise exc
 
 
