@@ -40,9 +40,8 @@ import httpx
 def test_session(vllm_endpoint, openai_client):
     me = os.environ["SESSION_INDEX"]
     run_dir = pathlib.Path(os.environ["RUN_DIR"])
-    (run_dir / f"running-{me}").touch()
     checks = 0
-    while not (run_dir / f"release-{me}").exists():
+    while True:  # at least one check before the orchestrator may release this session
         settings = httpx.get(vllm_endpoint.root_url + "/__modal/autoscaler").json()
         stats = httpx.get(vllm_endpoint.root_url + "/__modal/stats").json()
         if os.environ.get("EXPECT_PIN") == "1":
@@ -52,8 +51,11 @@ def test_session(vllm_endpoint, openai_client):
             model=vllm_endpoint.model, messages=[{"role": "user", "content": f"s{me}"}]
         )
         checks += 1
+        if checks == 1:
+            (run_dir / f"running-{me}").touch()
+        if (run_dir / f"release-{me}").exists():
+            break
         time.sleep(0.2)
-    assert checks >= 1
 """
 
 
