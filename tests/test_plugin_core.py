@@ -216,7 +216,7 @@ def test_list_platforms(pytester, write_platforms):
 def test_collect_only_wakes_nothing(llm_suite, endpoint_server, write_platforms):
     server = endpoint_server()
     write_platforms({"p": {"kind": "url", "base_url": server.base_url}})
-    result = llm_suite.runpytest("--vllm-platform=p", "--collect-only", "-q")
+    result = llm_suite.runpytest("--vllm-platform=p", "--collect-only", "-q", "-p", "no:asyncio")
     assert result.ret == 0
     assert server.stats.requests == {}
 
