@@ -36,12 +36,6 @@ class _Run:
         self.runtime = runtime
         self.item: pytest.Item | None = None
 
-    def test_platform(self) -> str | None:
-        """The platform the running test is parametrized with, if any."""
-        callspec = getattr(self.item, "callspec", None)
-        name = callspec.params.get("vllm_platform") if callspec is not None else None
-        return str(name) if name is not None else None
-
 
 # Runs stack up: a pytester run inside a test run is the current one until it ends.
 _RUNS: list[_Run] = []
@@ -100,9 +94,11 @@ def current_runtime() -> Runtime:
 
 def current_platform(name: str | None = None) -> str:
     """The platform meant by `current_endpoint(name)` (see the module docstring)."""
-    run = _RUNS[-1] if _RUNS else None
-    runtime = current_runtime()
-    in_test = run is not None and run.item is not None
+    from .runtime import parametrized_platform
+
+    runtime = current_runtime()  # raises outside a run: from here on `_RUNS` holds one
+    run = _RUNS[-1]
+    in_test = run.item is not None
     selected = runtime.selected
     if not selected:
         reason = runtime.no_platform_reason()
@@ -110,7 +106,7 @@ def current_platform(name: str | None = None) -> str:
             _skip(reason)
         raise EndpointLookupError(f"vllm: {reason}")
     if name is None:
-        name = run.test_platform() if run is not None else None
+        name = parametrized_platform(run.item)
     if name is None:
         if len(selected) > 1:
             raise EndpointLookupError(

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 BASE_URL_VARIABLES = ("OPENAI_BASE_URL", "OPENAI_API_BASE")
 KEY_VARIABLE = "OPENAI_API_KEY"
 MODEL_VARIABLE = "OPENAI_MODEL"
-EXPORTED = (*BASE_URL_VARIABLES, KEY_VARIABLE, MODEL_VARIABLE)
 #: The key exported when the platform's key variable is unset: openai insists on one, the server
 #: (vLLM without `--api-key`) accepts any, and a real OpenAI key in the shell never reaches it.
 NO_KEY = "no-key-set"

@@ -87,7 +87,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
-        runtime.is_worker = True
         config.pluginmanager.register(Worker(runtime, workerinput), "modal_vllm_worker")
     elif runtime.selected and not config.option.collectonly:
         # Collection needs names and capabilities only: nothing is started without tests.
@@ -137,9 +136,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     uses_llm = set(getattr(item, "fixturenames", ())) & LLM_FIXTURES
     if not uses_llm or cassettes is None or record_mode(item.config) in (None, "none"):
         return
-    callspec = getattr(item, "callspec", None)
-    name = callspec.params.get("vllm_platform") if callspec is not None else None
-    for platform in [name] if name else runtime.selected:
+    for platform in runtime.platforms_of(item):
         if platform in runtime.ready and (cassettes, platform) not in runtime.remembered:
             runtime.remembered.add((cassettes, platform))
             remember(cassettes, runtime.ready[platform].endpoint)
@@ -165,10 +162,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     runtime = _runtime(item.config)
     if not runtime.factories or not set(getattr(item, "fixturenames", ())) & CLIENT_FIXTURES:
         return
-    callspec = getattr(item, "callspec", None)
-    name = callspec.params.get("vllm_platform") if callspec is not None else None
-    names = [name] if name else runtime.selected
-    for platform in names:
+    for platform in runtime.platforms_of(item):
         factory = runtime.factories.get(platform)
         if factory is not None and factory.guard.dead:
             pytest.fail(f"LLM platform {platform!r} is down: {factory.guard.dead}", pytrace=False)

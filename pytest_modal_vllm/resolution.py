@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 from .errors import ConfigError
 from .modal_sdk import DEFAULT_FUNCTION, ModalTarget, bundled_app_file
 from .platforms import Platform, check_base_url, normalize_base_url
-from .settings import Settings
+from .settings import TRUE_WORDS, Settings
 
 T = TypeVar("T")
 
@@ -103,11 +103,6 @@ class ResolvedPlatform:
     def api_key_env(self) -> str:
         """The variable the API key comes from (named in messages, never its value)."""
         return self.definition.api_key_env
-
-    @property
-    def capabilities(self) -> tuple[str, ...]:
-        """What the platform's model can do (`tools`, `json_schema`, `streaming`, ...)."""
-        return self.definition.capabilities
 
     @property
     def keep_alive_interval(self) -> float:
@@ -268,7 +263,7 @@ def _modal_values(
     else:
         app_file = bundled_app_file()
     deploy_env = {**_switches(platform), **platform.deploy_env, "APP_NAME": platform.app}
-    snapshot = deploy_env.get("SNAPSHOT", "").strip().lower() in ("1", "true", "yes", "on")
+    snapshot = deploy_env.get("SNAPSHOT", "").strip().lower() in TRUE_WORDS
     app_mode = Setting(
         "snapshot" if snapshot else "plain",
         f"platform {platform.name}" if "SNAPSHOT" in deploy_env else "app default",
@@ -318,8 +313,6 @@ def proxy_headers(platform: Platform, env: Mapping[str, str]) -> dict[str, str]:
     return {"Modal-Key": token_id, "Modal-Secret": token_secret}
 
 
-def resolve_platforms(
-    platforms: Sequence[Platform], settings: Settings, environ: Mapping[str, str] | None = None
-) -> list[ResolvedPlatform]:
+def resolve_platforms(platforms: Sequence[Platform], settings: Settings) -> list[ResolvedPlatform]:
     """Resolve every selected platform, in order."""
-    return [resolve_platform(platform, settings, environ) for platform in platforms]
+    return [resolve_platform(platform, settings) for platform in platforms]

@@ -71,7 +71,10 @@ class Controller:
                     fail_fast=settings["unavailable"] != "skip", on_progress=progress
                 )
         except PlatformError as error:
-            runtime.session.close()
+            # Stop what started before pytest stops; `pytest_unconfigure`'s close() then finds
+            # nothing left, so what stopping met is printed here, as it prints it.
+            for problem in runtime.session.close():
+                print(f"vllm: {problem}")
             if isinstance(error, ConfigError):
                 raise pytest.UsageError(str(error)) from None
             pytest.exit(str(error), returncode=error.exit_code)

@@ -6,7 +6,7 @@ The controller fills it in `pytest_sessionstart` (after the wake); xdist workers
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +36,19 @@ WORKERINPUT_KEY = "modal_vllm"
 WORKEROUTPUT_KEY = "modal_vllm_usage"
 
 
+def parametrized_platform(item: pytest.Item | None) -> str | None:
+    """The platform `item` is parametrized with (`test_x[NAME]`, as the `vllm_platform`
+    fixture returns it), or None when it is not parametrized with one."""
+    callspec = getattr(item, "callspec", None)
+    params: Mapping[str, Any] = callspec.params if callspec is not None else {}
+    return str(params["vllm_platform"]) if "vllm_platform" in params else None
+
+
 @dataclass
 class Runtime:
     """Everything the hooks and fixtures of one pytest run share."""
 
     settings: Settings
-    is_worker: bool = False
     ready: dict[str, ReadyPlatform] = field(default_factory=dict)
     # Platforms that could not be woken under --vllm-unavailable=skip: name -> paragraph.
     unavailable: dict[str, str] = field(default_factory=dict)
@@ -87,6 +94,11 @@ class Runtime:
             }
         return self._capabilities
 
+    def platforms_of(self, item: pytest.Item) -> list[str]:
+        """The platforms `item` runs on: its parametrized `[NAME]`, else every selected one."""
+        name = parametrized_platform(item)
+        return [name] if name is not None else self.selected
+
     def no_platform_reason(self) -> str:
         """The documented skip reason when no platform is selected."""
         return (
@@ -122,13 +134,7 @@ class Runtime:
             return None
         if not self.selected:
             return self.no_platform_reason()
-        callspec = getattr(item, "callspec", None)
-        params: Mapping[str, Any] = callspec.params if callspec is not None else {}
-        if "vllm_platform" in params:
-            candidates: Sequence[str] = [str(params["vllm_platform"])]
-        else:
-            candidates = self.selected
-        reasons = [self._reason_for(name, only, requires) for name in candidates]
+        reasons = [self._reason_for(name, only, requires) for name in self.platforms_of(item)]
         if all(reasons):
             return reasons[0]
         return None

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .endpoint import Endpoint
 from .errors import DefinitionError, PlatformError, SettingUnreadable
@@ -27,6 +27,10 @@ from .providers.base import Provider
 from .providers.process import ProcessWatch
 from .resolution import ClientOptions, ResolvedPlatform
 from .wake import Waker, WakeRequest, WakeResult, WakeState, wake_all
+
+if TYPE_CHECKING:
+    from .leases import LeaseBook
+    from .providers.modal import ModalProvider
 
 # --vllm-no-wake with no model set: how long the one look for the served model may take.
 NO_WAKE_TIMEOUT = 10.0
@@ -196,21 +200,12 @@ class EndpointSession:
         mode = run.platform.keep_alive.value
         if mode == "off":
             return
-        from .providers.modal import ModalProvider
-
-        if isinstance(run.provider, ModalProvider) and run.platform.modal_mode != "ephemeral":
+        if run.platform.kind == "modal" and run.platform.modal_mode != "ephemeral":
             # A deployed app is shared: keep it warm with a lease beside every other session.
-            keepalive = PingKeepAlive(
-                run.name,
-                run.endpoint.root_url,
-                run.platform.keep_alive_interval,
-                run.endpoint.headers,
-                book=None,
-            )
-            run.keepalive = keepalive  # before start(): a half-taken lease is still given back
+            # (`make_provider` gave a modal platform its `ModalProvider`.)
+            provider = cast("ModalProvider", run.provider)
             try:
-                keepalive.book = run.provider.lease_book(mode)
-                keepalive.start()
+                keepalive = self._start_ping(run, provider.lease_book(mode))
                 self.notes += [f"{run.name}: {note}" for note in keepalive.notes]
                 keepalive.notes.clear()
                 return
@@ -219,7 +214,8 @@ class EndpointSession:
                     f"{run.name}: WARNING: the shared lease cannot be used ({error.problem}); "
                     "this session keeps the app warm on its own"
                 )
-                self._stop_quietly(keepalive)
+                if run.keepalive is not None:  # a half-taken lease is given back
+                    self._stop_quietly(run.keepalive)
                 run.keepalive = None
         if mode == "ping":
             self._start_ping(run)
@@ -243,11 +239,19 @@ class EndpointSession:
         except PlatformError:
             pass  # the lease store failed already; the warning said so
 
-    def _start_ping(self, run: PlatformRun) -> None:
+    @staticmethod
+    def _start_ping(run: PlatformRun, book: LeaseBook | None = None) -> PingKeepAlive:
+        """Ping `run`'s endpoint (renewing the lease of `book`, if any) until it is stopped."""
         assert run.endpoint is not None
-        run.keepalive = PingKeepAlive(
-            run.name, run.endpoint.root_url, run.platform.keep_alive_interval, run.endpoint.headers
-        ).start()
+        keepalive = PingKeepAlive(
+            run.name,
+            run.endpoint.root_url,
+            run.platform.keep_alive_interval,
+            run.endpoint.headers,
+            book,
+        )
+        run.keepalive = keepalive  # before start(): a half-taken lease is still given back
+        return keepalive.start()
 
     # ------------------------------------------------------------------ results
 

@@ -28,14 +28,17 @@ if TYPE_CHECKING:
 
 UNAVAILABLE_MODES = ("fail", "skip")
 INI_UNSET = "<unset>"
+# The words of an on/off value (`yes_no`; `resolution` reads a modal SNAPSHOT switch with them).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 def yes_no(text: str) -> bool:
     """Parse an on/off value from the environment or ini (`1`/`0`, `true`/`false`, ...)."""
     word = text.strip().lower()
-    if word in ("1", "true", "yes", "on"):
+    if word in TRUE_WORDS:
         return True
-    if word in ("0", "false", "no", "off"):
+    if word in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"{text!r} is not one of 1, 0, true, false, yes, no, on, off")
 
@@ -263,14 +266,9 @@ def resolve(
     sources: dict[str, str] = {}
     for option in OPTIONS:
         given = cli.get(option.dest)
-        if option.is_flag and not given and (option.env or option.ini):
-            given = None  # a flag not given: its variable or ini key may still turn it on
-        elif option.is_flag:
-            values[option.dest], sources[option.dest] = (
-                bool(given),
-                ("command line" if given else "default"),
-            )
-            continue
+        if option.is_flag:
+            # A flag not given: its variable or ini key may still turn it on, else the default.
+            given = True if given else None
         if given is not None:
             value, source = given, "command line"
         elif option.env and environ.get(option.env, "") != "":

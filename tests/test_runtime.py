@@ -33,7 +33,7 @@ def controller_runtime(watch: ProcessWatch | None = None) -> Runtime:
 def test_the_handover_round_trips_through_plain_data() -> None:
     controller = controller_runtime()
     data = json.loads(json.dumps(controller.to_workerinput()))  # execnet carries plain data
-    worker = Runtime(settings=controller.settings, is_worker=True)
+    worker = Runtime(settings=controller.settings)
     worker.load_workerinput(data)
     sent, got = controller.ready["p"], worker.ready["p"]
     assert got.endpoint == sent.endpoint
@@ -50,7 +50,7 @@ def test_a_worker_watches_the_controllers_process_through_the_handover() -> None
     try:
         watch = ProcessWatch(child.pid, os.devnull)
         data = json.loads(json.dumps(controller_runtime(watch).to_workerinput()))
-        worker = Runtime(settings=resolve({}, {}, {}), is_worker=True)
+        worker = Runtime(settings=resolve({}, {}, {}))
         worker.load_workerinput(data)
         failure = worker.ready["p"].wake.failure
         assert failure() is None  # alive
