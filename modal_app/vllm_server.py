@@ -489,6 +489,13 @@ def unauthenticated_warning(settings: Settings) -> str:
 # ------------------------------------------------------------------ phases of a cold start
 
 
+def _to_stdout(line: str) -> None:
+    """Write one line to this process's stdout, flushed (in a container: what `modal app logs`
+    shows); one write, so that lines written from two threads do not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class PhaseLog:
     """One greppable line per start-up phase: `modal-vllm: phase engine-ready after 41.2s`.
 
@@ -503,7 +510,7 @@ class PhaseLog:
         emit: Callable[[str], None] | None = None,
     ) -> None:
         self._clock = clock
-        self._emit = emit or (lambda line: print(line, flush=True))
+        self._emit = emit or _to_stdout
         self._start = clock()
 
     def restart(self) -> None:
@@ -597,11 +604,10 @@ def start_server(
     cmd: Sequence[str],
     env: Mapping[str, str],
     *,
-    relay: Callable[[str], None] | None = None,
-    tail_lines: int = TAIL_LINES,
+    relay: Callable[[str], None] = _to_stdout,
 ) -> ServerProcess:
     """Start `cmd` with stdout and stderr merged; relay each line (default: to this process's
-    stdout, which is what `modal app logs` shows) and keep the last `tail_lines` of them."""
+    stdout, which is what `modal app logs` shows) and keep the last `TAIL_LINES` of them."""
     process = subprocess.Popen(
         list(cmd),
         env=dict(env),
@@ -615,13 +621,7 @@ def start_server(
         # Its own process group, so that `stop()` reaches the engine processes vLLM starts.
         start_new_session=True,
     )
-    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-
-    def emit(line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-    forward = relay or emit
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
     def pump() -> None:
         assert process.stdout is not None
@@ -629,7 +629,7 @@ def start_server(
             line = raw.rstrip("\r\n")
             tail.append(line)
             try:
-                forward(line)
+                relay(line)
             except Exception:  # a broken sink must not stop the tail from filling
                 pass
         process.stdout.close()
@@ -639,19 +639,11 @@ def start_server(
     return ServerProcess(process=process, tail=tail, relay=thread, started=time.monotonic())
 
 
-def _answers(host: str, port: int, path: str | None, timeout: float) -> bool:
-    """Whether the server accepts a connection (and, with `path`, answers it with 200)."""
-    if path is None:
-        import socket
-
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                return True
-        except OSError:
-            return False
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+def _answers(port: int, timeout: float) -> bool:
+    """Whether the local server answers `GET /health` with 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", path)
+        connection.request("GET", "/health")
         return connection.getresponse().status == 200
     except (OSError, http.client.HTTPException):
         return False
@@ -664,12 +656,10 @@ def wait_until_serving(
     *,
     port: int,
     timeout: float,
-    host: str = "127.0.0.1",
-    health_path: str | None = "/health",
     interval: float = 0.5,
 ) -> float:
-    """Wait until the server answers (`GET health_path` is 200; a TCP connect when None) or
-    its process exits, whichever comes first; the seconds it took.
+    """Wait until the server on 127.0.0.1:`port` answers (`GET /health` is 200) or its process
+    exits, whichever comes first; the seconds it took.
 
     `ServerExited` at once when the process ends (exit code 0 included: a server that stops
     is not serving), with its last lines of output. `StartupTimeout` after `timeout`
@@ -682,7 +672,7 @@ def wait_until_serving(
         if returncode is not None:
             server.relay.join(timeout=5)  # the last lines, written just before the exit
             raise ServerExited(returncode, server.last_lines(), time.monotonic() - server.started)
-        if _answers(host, port, health_path, timeout=min(2.0, max(interval, 0.1))):
+        if _answers(port, timeout=min(2.0, max(interval, 0.1))):
             return time.monotonic() - start
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -713,9 +703,9 @@ def launch_vllm(
     """
     env = vllm_environment(settings, environ, auth_dir=auth_dir)
     cmd = list(command) if command is not None else build_vllm_command(settings)
-    say = relay or (lambda line: print(line, flush=True))
+    say = relay or _to_stdout
     say(f"modal-vllm: starting vLLM {settings.vllm_version}: {redact_command(cmd)}")
-    server = start_server(cmd, env, relay=relay)
+    server = start_server(cmd, env, relay=say)
     phases.mark("vllm-started")
     try:
         wait_until_serving(server, port=port, timeout=settings.startup_timeout)

@@ -44,6 +44,7 @@ TAIL_KEEP = 64 * 1024
 # openai and langchain insist on a key; when the platform's key variable is unset, they get
 # this placeholder and the transport removes the Authorization header, so no key is sent.
 NO_KEY = "no-key-set"
+_NO_KEY_HEADER = f"Bearer {NO_KEY}"
 
 
 def http_module() -> ModuleType:
@@ -86,8 +87,7 @@ class Guard:
     stays down.
     """
 
-    def __init__(self, platform: str, rewake: Callable[[], object]) -> None:
-        self.platform = platform
+    def __init__(self, rewake: Callable[[], object]) -> None:
         self._rewake = rewake
         self.dead: str | None = None
         self._lock = threading.Lock()
@@ -226,15 +226,16 @@ class _Steps:
 
     def next(self, reply: Any = None) -> Any:
         """The next step, given the last one's result; None when the exchange is over."""
-        return self._resume(lambda: self._exchange.send(reply))
+        try:
+            return self._exchange.send(reply)
+        except StopIteration as done:
+            self.result = done.value
+            return None
 
     def fail(self, error: Exception) -> Any:
         """The next step, after the last one raised `error`; None when the exchange is over."""
-        return self._resume(lambda: self._exchange.throw(error))
-
-    def _resume(self, advance: Callable[[], Any]) -> Any:
         try:
-            return advance()
+            return self._exchange.throw(error)
         except StopIteration as done:
             self.result = done.value
             return None
@@ -269,12 +270,15 @@ class PlatformTransport:
         )
         # Redirect targets the client is about to follow -> when the redirected request began.
         self._hops: dict[str, float] = {}
+        # The metering wrappers of response bodies (sync, async) for this HTTP library.
+        self._sync_stream, self._async_stream = _stream_types(lib)
 
     def _exchange(self, request: Any, stream_type: type) -> _Exchange:
         """Send `request`, waiting through a mid-session cold start; meter the answer."""
         # A followed redirect continues the request that got it: meter from that one's start.
-        started = self._hops.pop(str(request.url), None) or time.perf_counter()
-        if request.headers.get("authorization") == f"Bearer {NO_KEY}":
+        hop = self._hops.pop(str(request.url), None) if self._hops else None
+        started = hop or time.perf_counter()
+        if request.headers.get("authorization") == _NO_KEY_HEADER:
             del request.headers["authorization"]
         for attempt in range(MAX_REWAKES_PER_REQUEST + 1):
             may_rewake = attempt < MAX_REWAKES_PER_REQUEST
@@ -313,8 +317,9 @@ class PlatformTransport:
         return error
 
     def _wrap(self, request: Any, response: Any, started: float, stream_type: type) -> Any:
-        location = response.headers.get("location")
-        if response.status_code in REDIRECT_STATUSES and location:
+        if response.status_code in REDIRECT_STATUSES and (
+            location := response.headers.get("location")
+        ):
             # One hop of a redirect chain (Modal's 303 after a long hold): not a request of its
             # own; the request it leads to is metered once, from this hop's start.
             if len(self._hops) > 256:  # redirects the client did not follow
@@ -336,7 +341,7 @@ class PlatformTransport:
 
     def handle_request(self, request: Any) -> Any:
         """Send `request` (the sync shell of `_exchange`)."""
-        steps = _Steps(self._exchange(request, _stream_types(self.lib)[0]))
+        steps = _Steps(self._exchange(request, self._sync_stream))
         step = steps.next()
         while step is not None:
             kind, subject = step
@@ -365,7 +370,7 @@ class AsyncPlatformTransport(PlatformTransport):
         """Send `request` (the async shell of `_exchange`)."""
         import asyncio
 
-        steps = _Steps(self._exchange(request, _stream_types(self.lib)[1]))
+        steps = _Steps(self._exchange(request, self._async_stream))
         step = steps.next()
         while step is not None:
             kind, subject = step
@@ -401,7 +406,7 @@ class ClientFactory:
         self.endpoint = endpoint
         self.options = options
         self.meter = meter
-        self.guard = Guard(endpoint.platform, rewake)
+        self.guard = Guard(rewake)
         self._closers: list[Callable[[], None]] = []
 
     def _http_client(self, asynchronous: bool) -> Any:

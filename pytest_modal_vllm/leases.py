@@ -119,7 +119,8 @@ class LeaseBook:
     def arrive(self) -> list[str]:
         """Take a lease, clear expired ones, record or unpark the original settings, pin or
         claim the pinging; what happened worth telling."""
-        notes = self._renew() + self._clear(expired_only=True)
+        self._renew()
+        notes = self._clear(expired_only=True)
         try:
             current: Autoscaler | None = self.sdk.autoscaler(self.target)
         except PlatformError as error:
@@ -140,7 +141,8 @@ class LeaseBook:
 
     def heartbeat(self) -> list[str]:
         """Renew the lease, clear expired ones, keep the pin and the pinging going."""
-        notes = self._renew() + self._clear(expired_only=True)
+        self._renew()
+        notes = self._clear(expired_only=True)
         if self.mode == "autoscaler":
             current = self.sdk.autoscaler(self.target)
             notes += self._unpark(current)  # another session took itself for the last one
@@ -189,7 +191,7 @@ class LeaseBook:
 
     # ------------------------------------------------------------------ the parts
 
-    def _renew(self) -> list[str]:
+    def _renew(self) -> None:
         now = self.clock()
         key = self._prefix + self.session
         held = self.store.get(key)
@@ -197,7 +199,6 @@ class LeaseBook:
         value = {"who": self.holder, "mode": self.mode, "started": started,
                  "expires": now + self.ttl}  # fmt: skip
         self.store.put(key, value)
-        return []
 
     def _clear(self, *, expired_only: bool) -> list[str]:
         now = self.clock()
@@ -288,8 +289,9 @@ class LeaseBook:
                 f"the last session left: scale-down window {PARKED_WINDOW}s until the next "
                 f"session (was {window}s)"
             )
-        if self.live():  # a session arrived meanwhile: give it back what it expects
+        arrived = self.live()  # read again: a session may have arrived meanwhile
+        if arrived:  # give it back what it expects
             notes += self._unpark(self.sdk.autoscaler(self.target))
-            if any(lease.mode == "autoscaler" for lease in self.live()):
+            if any(lease.mode == "autoscaler" for lease in arrived):
                 self.sdk.update_autoscaler(self.target, min_containers=1)
         return notes

@@ -143,18 +143,14 @@ def _recordings(paths: Iterable[Path]) -> Iterator[Path]:
     seen: set[Path] = set()
     for root in paths:
         start = root if root.is_dir() else root.parent
-        for directory, subdirs, files in _walk(start):
+        for top, subdirs, files in os.walk(start):
+            directory = Path(top)
             if directory.name == "cassettes" and ENDPOINTS_FILE in files:
                 path = (directory / ENDPOINTS_FILE).resolve()
                 if path not in seen:
                     seen.add(path)
                     yield path
             subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_DIRS)
-
-
-def _walk(start: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
-    for directory, subdirs, files in os.walk(start):
-        yield Path(directory), subdirs, files
 
 
 @contextlib.contextmanager

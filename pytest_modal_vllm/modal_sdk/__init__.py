@@ -32,11 +32,10 @@ every one of these fails at once with `modal.exception.AuthError`, before any ne
 from __future__ import annotations
 
 from .adapter import ModalBackend, ModalSDK, load_sdk
-from .app_file import LoadedApp, bundled_app_file, fingerprint, load_app_file
+from .app_file import bundled_app_file, fingerprint, load_app_file
 from .translate import modal_errors
 from .values import (
     ADAPTER_ENV,
-    AUTH_FIX,
     DEFAULT_FUNCTION,
     FINGERPRINT_TAG,
     SETTINGS_ENV,
@@ -53,13 +52,11 @@ from .values import (
 
 __all__ = [
     "ADAPTER_ENV",
-    "AUTH_FIX",
     "DEFAULT_FUNCTION",
     "FINGERPRINT_TAG",
     "SETTINGS_ENV",
     "Autoscaler",
     "LeaseStore",
-    "LoadedApp",
     "ModalBackend",
     "ModalSDK",
     "ModalStatus",

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 from ..errors import ConfigError
 from .app_file import load_app_file
@@ -23,9 +23,6 @@ from .values import (
     NotDeployedError,
     lease_dict_name,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 class ModalBackend(Protocol):
@@ -131,11 +128,12 @@ class ModalSDK:
         import modal
 
         try:
-            url = self.locate(target)
+            with modal_errors("looking up", target):
+                handle = self._remote_handle(target)
+                url = self._url_of(handle, target)
         except NotDeployedError as error:
             return ModalStatus(deployed=False, url=None, detail=error.problem)
         with modal_errors("reading the state of", target):
-            handle = self._remote_handle(target)
             if isinstance(handle, modal.Server):
                 # A Server has no get_current_stats: its registered containers are the count.
                 containers: int | None = len(handle._experimental_list_containers())

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 # Container states: the plain stub boots once (booting, ready); the emulator adds more.
 NEW, BOOTING, READY, STOPPED = "new", "booting", "ready", "stopped"
 
+# The routes a ready container serves, with the method each accepts.
+_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
+
 
 @dataclass
 class Behaviour:
@@ -366,10 +369,9 @@ class StubServer:
             self.stats._add(unauthorized=1)
             send_json(h, 401, {"error": "Unauthorized"})
             return
-        routes = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
-        if path not in routes:
+        if path not in _ROUTES:
             send_json(h, 404, {"detail": "Not Found"})
-        elif method != routes[path]:
+        elif method != _ROUTES[path]:
             send_json(h, 405, {"detail": "Method Not Allowed"})
         elif path == "/health":
             send(h, 200)
