@@ -519,7 +519,11 @@ def test_a_second_deploy_with_unchanged_settings_deploys_nothing_and_stays_warm(
 ):
     server = emulator(cold_start=0.5, cold_style="hold", scaledown_window=60)
     fake_modal.urls({f"{APP}/serve": server.root_url}, deployed="")
-    write_platforms({"mod": modal_platform(deploy_env={"MODEL_NAME": "Org/M"})})
+    # The 60 s window must outlast the gap between the runs: with parking on, the first run
+    # would leave 2 s, and a slow start of the second run would meet a cold container.
+    write_platforms(
+        {"mod": modal_platform(deploy_env={"MODEL_NAME": "Org/M"}, fast_scaledown=False)}
+    )
 
     first = run(llm_suite, "--vllm-platform=mod", "--vllm-deploy")
     first.assert_outcomes(passed=2)
